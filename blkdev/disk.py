@@ -1,0 +1,67 @@
+"""The disk interface every image format implements (raw, qcow-lite).
+
+The virtio-blk layer (``blkdev.virtio_blk``) checks every request against :attr:`Disk.size`
+before calling in, so a disk may treat an out-of-range offset as a caller bug (``ValueError``).
+Offsets and lengths are in bytes and multiples of :data:`SECTOR_SIZE`.
+
+Data moves straight between the image and the guest's pages: ``read`` fills ``buffers``
+(``buffers.is_write`` is True: guest memory is written), ``write`` takes from them. A disk does
+that through ``buffers.lock(...).io_vecs()`` with vectored I/O (zero copy) or through a
+``BounceBuffer`` when it must (O_DIRECT alignment, compression).
+
+Methods may be called concurrently from several queue workers; an implementation serialises
+what needs it (qcow-lite: one metadata lock). Failures:
+
+- ``DiskIOError``: the host's storage failed; the request gets IOERR.
+- ``ImageCorruptError``: the image's metadata is inconsistent; the request gets IOERR.
+- ``memory.AccessError``: the guest's buffers were bad; the request gets IOERR. (Devices
+  validate buffers before I/O, so this is rare; it must never escape as anything else.)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from memory import IoBuffers
+
+SECTOR_SIZE = 512
+
+
+class Disk(Protocol):
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes (a multiple of SECTOR_SIZE)."""
+        ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    @property
+    def supports_discard(self) -> bool: ...
+
+    @property
+    def supports_write_zeroes(self) -> bool: ...
+
+    def read(self, offset: int, buffers: IoBuffers) -> None:
+        """Read ``len(buffers)`` bytes at ``offset`` into guest memory."""
+        ...
+
+    def write(self, offset: int, buffers: IoBuffers) -> None:
+        """Write ``len(buffers)`` bytes from guest memory at ``offset``."""
+        ...
+
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync, qcow2 metadata included)."""
+        ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """The guest no longer needs these bytes; reads may return zeros or old data after."""
+        ...
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """The range reads as zeros afterwards; ``unmap`` allows deallocating it."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release the image (and its lock). Idempotent."""
+        ...

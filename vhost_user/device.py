@@ -1,0 +1,63 @@
+"""What a vhost-user device backend implements; the connection drives it.
+
+``vhost_user.connection`` handles the protocol (features, memory table, vrings, queue workers)
+and knows nothing of block devices. A device (``blkdev.device.BlkDevice``) plugs in through this
+protocol. It is deliberately small:
+
+- Feature bits the device offers, and the config space, answer frontend messages.
+- :meth:`VhostUserDevice.handle_chain` turns one descriptor chain into I/O and returns the number
+  of bytes written into guest memory (the used-ring length). It is called from the per-queue
+  worker thread of ``queue_index``; different queues call it concurrently, so the device must be
+  thread-safe across queues. It must never raise for anything the guest controls: a guest fault
+  fails that request (error status) and returns normally. Anything it does raise is a bug or a
+  local fault: the worker logs it, marks the device broken (VIRTIO_CONFIG_S_NEEDS_RESET through
+  the backend channel when available) and stops that queue, the process stays up.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from memory import GuestMemory
+from vhost_user.chain import DescriptorChain
+
+
+class VhostUserDevice(Protocol):
+    @property
+    def num_queues(self) -> int:
+        """How many virtqueues the device serves (GET_QUEUE_NUM)."""
+        ...
+
+    @property
+    def max_queue_size(self) -> int:
+        """Largest SET_VRING_NUM accepted (a power of two <= 32768)."""
+        ...
+
+    def device_features(self) -> int:
+        """Virtio feature bits the device offers, including the transport bits it supports
+        (VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX...). The
+        connection adds VHOST_USER_F_PROTOCOL_FEATURES itself."""
+        ...
+
+    def set_acked_features(self, features: int) -> None:
+        """The features the driver accepted (SET_FEATURES), before any queue starts."""
+        ...
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG: exactly ``size`` bytes of config space from ``offset``; bytes past the
+        device's layout read as zero. Raise ``ValueError`` if offset+size is absurd (> 4096)."""
+        ...
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """SET_CONFIG: only writable fields change (virtio-blk: ``writeback``); others are
+        ignored. Raise ``ValueError`` for an out-of-range offset."""
+        ...
+
+    def handle_chain(self, queue_index: int, memory: GuestMemory, chain: DescriptorChain) -> int:
+        """Serve one request; return the used length. Never raises for guest faults."""
+        ...
+
+    def quiesce(self) -> None:
+        """All queues are stopped (GET_VRING_BASE on every queue, disconnect, or shutdown):
+        make completed writes durable if the device caches them. Errors are logged, not raised."""
+        ...
