@@ -1,0 +1,445 @@
+"""Guest buffers of one storage request: OpenVMM's ``scsi_buffers`` crate.
+
+``RequestBuffers`` ties a ``PagedRange`` to a ``GuestMemory`` and a direction, like OpenVMM's
+type of the same name. ``is_write`` means the *guest's memory* may be written (a disk read); a
+read-only request hands out a writer of length 0 that refuses every write, as OpenVMM's
+``PermissionedMemoryWriter`` does.
+
+Beyond OpenVMM (whose docs list a multi-range disk API as "not currently available"):
+``MultiRequestBuffers`` is the same API over several ``PagedRange``s, for descriptor chains whose
+interior boundaries are neither contiguous nor page-aligned. Locking it still yields one
+iovec per guest-contiguous run, so such a request is one ``preadv``/``pwritev`` with no copy;
+``is_aligned`` checks every part, so a disk bounces only when O_DIRECT really requires it.
+``request_buffers_from_buffers`` picks the type. ``IoBuffers`` is the protocol disks code against.
+
+Every access resolves all of its pages before copying a byte: a failed read, write or lock
+copies nothing and moves no cursor.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Final, Protocol, runtime_checkable
+
+from memory.errors import (
+    AccessError,
+    GuestMemoryError,
+    MemoryAccessError,
+    OutOfRangeError,
+    ReadOnlyError,
+)
+from memory.guest_memory import PAGE_SIZE, GuestMemory, Segment
+from memory.paged_range import PagedRange, _build, paged_range_from_buffers
+
+_FILL_CHUNK: Final = 64 * 1024
+_ZEROS: Final = bytes(_FILL_CHUNK)
+
+Buffer = bytes | bytearray | memoryview
+
+
+class LockedIoBuffers:
+    """Guest memory of a request, pinned as memoryviews for vectored I/O.
+
+    ``io_vecs()`` returns one memoryview per guest-contiguous run within a region, aliasing
+    guest memory (read-only views when locked for reading guest memory). The regions stay
+    mapped while this object holds them, even across ``GuestMemory.close()``; leaving the
+    ``with`` block (or ``release()``) releases the views.
+    """
+
+    __slots__ = ("_views",)
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self._views: list[memoryview] | None = views
+
+    def io_vecs(self) -> list[memoryview]:
+        if self._views is None:
+            raise ValueError("locked buffers were released")
+        return list(self._views)
+
+    def release(self) -> None:
+        views, self._views = self._views, None
+        for v in views or ():
+            try:
+                v.release()
+            except BufferError:
+                # Still exported (e.g. a caller kept a derived buffer); the view, and the
+                # mapping under it, then live until that goes away.
+                pass
+
+    def __enter__(self) -> LockedIoBuffers:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _check_length(n: int) -> None:
+    if n < 0:
+        raise ValueError(f"negative length {n}")
+
+
+def _pieces(
+    parts: tuple[PagedRange, ...], cum: tuple[int, ...], pos: int, n: int
+) -> list[tuple[int, int]]:
+    """Guest-contiguous ``(gpa, length)`` pieces of bytes ``[pos, pos+n)`` of ``parts``."""
+    if len(parts) == 1:
+        r = parts[0]
+        s = r._start + pos
+        return r._pieces(s, s + n)
+    pieces: list[tuple[int, int]] = []
+    k = bisect_right(cum, pos) - 1
+    while n:
+        r = parts[k]
+        off = pos - cum[k]
+        take = min(n, len(r) - off)
+        s = r._start + off
+        pieces.extend(r._pieces(s, s + take))
+        pos += take
+        n -= take
+        k += 1
+    return pieces
+
+
+def _segments(
+    mem: GuestMemory, parts: tuple[PagedRange, ...], cum: tuple[int, ...], pos: int, n: int
+) -> list[Segment]:
+    """Resolve bytes ``[pos, pos+n)`` of ``parts`` (non-empty, n > 0) or raise AccessError."""
+    try:
+        return mem._resolve(_pieces(parts, cum, pos, n))
+    except GuestMemoryError as exc:
+        raise MemoryAccessError(exc) from exc
+
+
+class MemoryReader:
+    """Reads a request's bytes in order; ``len()`` is what is left."""
+
+    __slots__ = ("_cum", "_end", "_mem", "_parts", "_pos")
+
+    def __init__(
+        self, mem: GuestMemory, parts: tuple[PagedRange, ...], cum: tuple[int, ...], end: int
+    ) -> None:
+        self._mem = mem
+        self._parts = parts
+        self._cum = cum
+        self._pos = 0
+        self._end = end
+
+    def __len__(self) -> int:
+        return self._end - self._pos
+
+    def read(self, n: int) -> bytes:
+        if n > self._end - self._pos:
+            raise OutOfRangeError(self._end - self._pos, n)
+        if n <= 0:
+            _check_length(n)
+            return b""
+        segs = _segments(self._mem, self._parts, self._cum, self._pos, n)
+        if len(segs) == 1:
+            e, off, ln = segs[0]
+            data = e.mm[off : off + ln]
+        else:
+            data = b"".join([e.mm[off : off + ln] for e, off, ln in segs])
+        self._pos += n
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer`` (all of it) with the next bytes; returns its size."""
+        dst = memoryview(buffer)
+        if dst.format != "B" or dst.ndim != 1:
+            dst = dst.cast("B")
+        if dst.readonly:
+            raise TypeError("readinto needs a writable buffer")
+        n = dst.nbytes
+        if n > self._end - self._pos:
+            raise OutOfRangeError(self._end - self._pos, n)
+        if n == 0:
+            return 0
+        segs = _segments(self._mem, self._parts, self._cum, self._pos, n)
+        p = 0
+        for e, off, ln in segs:
+            dst[p : p + ln] = e.ro[off : off + ln]
+            p += ln
+        self._pos += n
+        return n
+
+    def skip(self, n: int) -> None:
+        if n > self._end - self._pos:
+            raise OutOfRangeError(self._end - self._pos, n)
+        _check_length(n)
+        self._pos += n
+
+
+class MemoryWriter:
+    """Writes a request's bytes in order; ``len()`` is what is left (0 when read-only)."""
+
+    __slots__ = ("_cum", "_end", "_mem", "_parts", "_pos", "_read_only")
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        parts: tuple[PagedRange, ...],
+        cum: tuple[int, ...],
+        end: int,
+        read_only: bool,
+    ) -> None:
+        self._mem = mem
+        self._parts = parts
+        self._cum = cum
+        self._pos = 0
+        self._end = 0 if read_only else end
+        self._read_only = read_only
+
+    def __len__(self) -> int:
+        return self._end - self._pos
+
+    def _too_long(self, n: int) -> AccessError:
+        if self._read_only:
+            return ReadOnlyError()
+        return OutOfRangeError(self._end - self._pos, n)
+
+    def _check(self, n: int) -> list[Segment] | None:
+        """Resolve the next ``n`` bytes (None when n is 0), or raise without moving."""
+        if n > self._end - self._pos:
+            raise self._too_long(n)
+        if n <= 0:
+            _check_length(n)
+            return None
+        return _segments(self._mem, self._parts, self._cum, self._pos, n)
+
+    def write(self, data: Buffer) -> None:
+        src = memoryview(data)
+        if src.format != "B" or src.ndim != 1:
+            src = src.cast("B")
+        n = src.nbytes
+        segs = self._check(n)
+        if segs is None:
+            return
+        p = 0
+        for e, off, ln in segs:
+            e.rw[off : off + ln] = src[p : p + ln]
+            p += ln
+        self._pos += n
+
+    def fill(self, byte: int, n: int) -> None:
+        if not 0 <= byte <= 255:
+            raise ValueError(f"fill byte {byte} is not in 0..255")
+        segs = self._check(n)
+        if segs is None:
+            return
+        chunk = _ZEROS if byte == 0 else bytes((byte,)) * min(n, _FILL_CHUNK)
+        for e, off, ln in segs:
+            end = off + ln
+            while off < end:
+                step = min(end - off, len(chunk))
+                e.mm[off : off + step] = chunk if step == len(chunk) else chunk[:step]
+                off += step
+        self._pos += n
+
+    def zero(self, n: int) -> None:
+        self.fill(0, n)
+
+    def skip(self, n: int) -> None:
+        if n > self._end - self._pos:
+            raise self._too_long(n)
+        _check_length(n)
+        self._pos += n
+
+
+def _check_alignment(alignment: int) -> int:
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"alignment {alignment} is not a power of two")
+    return alignment - 1
+
+
+@runtime_checkable
+class IoBuffers(Protocol):
+    """What a disk needs from a request's guest buffers (RequestBuffers or MultiRequestBuffers)."""
+
+    @property
+    def guest_memory(self) -> GuestMemory: ...
+
+    @property
+    def is_write(self) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def is_empty(self) -> bool: ...
+
+    def is_aligned(self, alignment: int) -> bool: ...
+
+    def reader(self) -> MemoryReader: ...
+
+    def writer(self) -> MemoryWriter: ...
+
+    def lock(self, for_write: bool) -> LockedIoBuffers: ...
+
+    def subrange(self, offset: int, length: int) -> IoBuffers: ...
+
+
+def _lock(
+    mem: GuestMemory,
+    parts: tuple[PagedRange, ...],
+    cum: tuple[int, ...],
+    total: int,
+    is_write: bool,
+    for_write: bool,
+) -> LockedIoBuffers:
+    if for_write and not is_write:
+        raise ReadOnlyError()
+    if total == 0:
+        return LockedIoBuffers([])
+    try:
+        return LockedIoBuffers(mem._views(_pieces(parts, cum, 0, total), for_write))
+    except GuestMemoryError as exc:
+        raise MemoryAccessError(exc) from exc
+
+
+class RequestBuffers:
+    """One ``PagedRange`` of guest memory for a request; ``is_write``: guest memory is written."""
+
+    __slots__ = ("_is_write", "_mem", "_range")
+
+    def __init__(self, guest_memory: GuestMemory, range: PagedRange, is_write: bool) -> None:
+        self._mem = guest_memory
+        self._range = range
+        self._is_write = is_write
+
+    @property
+    def guest_memory(self) -> GuestMemory:
+        return self._mem
+
+    @property
+    def range(self) -> PagedRange:
+        return self._range
+
+    @property
+    def is_write(self) -> bool:
+        return self._is_write
+
+    def __len__(self) -> int:
+        return self._range._end - self._range._start
+
+    def is_empty(self) -> bool:
+        return self._range._end == self._range._start
+
+    def is_aligned(self, alignment: int) -> bool:
+        """Whether the first-page offset and the length are multiples of ``alignment``.
+
+        Interior pages are whole, so every iovec is then aligned; above a page this is always
+        False, as in OpenVMM.
+        """
+        mask = _check_alignment(alignment)
+        r = self._range
+        return ((r._start | (r._end - r._start) | PAGE_SIZE) & mask) == 0
+
+    def reader(self) -> MemoryReader:
+        r = self._range
+        return MemoryReader(self._mem, (r,), (0,), r._end - r._start)
+
+    def writer(self) -> MemoryWriter:
+        r = self._range
+        return MemoryWriter(self._mem, (r,), (0,), r._end - r._start, not self._is_write)
+
+    def lock(self, for_write: bool) -> LockedIoBuffers:
+        """Pin the buffers for I/O: ``for_write`` when the I/O writes guest memory."""
+        r = self._range
+        return _lock(self._mem, (r,), (0,), r._end - r._start, self._is_write, for_write)
+
+    def subrange(self, offset: int, length: int) -> RequestBuffers:
+        return RequestBuffers(self._mem, self._range.subrange(offset, length), self._is_write)
+
+    def __repr__(self) -> str:
+        return f"RequestBuffers({self._range!r}, is_write={self._is_write})"
+
+
+class MultiRequestBuffers:
+    """Several ``PagedRange``s of guest memory forming one request, in order."""
+
+    __slots__ = ("_cum", "_is_write", "_len", "_mem", "_parts", "_ranges")
+
+    def __init__(
+        self, guest_memory: GuestMemory, ranges: Sequence[PagedRange], is_write: bool
+    ) -> None:
+        self._mem = guest_memory
+        self._ranges = tuple(ranges)
+        self._parts = tuple(r for r in self._ranges if not r.is_empty())
+        cum = []
+        total = 0
+        for r in self._parts:
+            cum.append(total)
+            total += len(r)
+        self._cum = tuple(cum)
+        self._len = total
+        self._is_write = is_write
+
+    @property
+    def guest_memory(self) -> GuestMemory:
+        return self._mem
+
+    @property
+    def ranges(self) -> tuple[PagedRange, ...]:
+        return self._ranges
+
+    @property
+    def is_write(self) -> bool:
+        return self._is_write
+
+    def __len__(self) -> int:
+        return self._len
+
+    def is_empty(self) -> bool:
+        return self._len == 0
+
+    def is_aligned(self, alignment: int) -> bool:
+        """Whether every non-empty part is aligned (see ``RequestBuffers.is_aligned``)."""
+        mask = _check_alignment(alignment)
+        return all(((r._start | (r._end - r._start) | PAGE_SIZE) & mask) == 0 for r in self._parts)
+
+    def reader(self) -> MemoryReader:
+        return MemoryReader(self._mem, self._parts, self._cum, self._len)
+
+    def writer(self) -> MemoryWriter:
+        return MemoryWriter(self._mem, self._parts, self._cum, self._len, not self._is_write)
+
+    def lock(self, for_write: bool) -> LockedIoBuffers:
+        return _lock(self._mem, self._parts, self._cum, self._len, self._is_write, for_write)
+
+    def subrange(self, offset: int, length: int) -> MultiRequestBuffers:
+        if not (0 <= offset <= self._len and 0 <= length <= self._len - offset):
+            raise ValueError(f"invalid subrange: {offset} + {length} > {self._len}")
+        out = []
+        for r, start in zip(self._parts, self._cum, strict=True):
+            lo = max(offset, start)
+            hi = min(offset + length, start + len(r))
+            if lo < hi:
+                out.append(r.subrange(lo - start, hi - lo))
+        return MultiRequestBuffers(self._mem, out, self._is_write)
+
+    def __repr__(self) -> str:
+        return f"MultiRequestBuffers({list(self._ranges)!r}, is_write={self._is_write})"
+
+
+def request_buffers_from_buffers(
+    guest_memory: GuestMemory, buffers: Sequence[tuple[int, int]], is_write: bool
+) -> RequestBuffers | MultiRequestBuffers:
+    """A descriptor chain's data buffers ``[(gpa, length), ...]`` as request buffers.
+
+    One ``RequestBuffers`` when they form a single ``PagedRange``, else a ``MultiRequestBuffers``
+    split only at the boundaries a PagedRange cannot express.
+    """
+    if len(buffers) == 1:
+        single = paged_range_from_buffers(buffers)
+        assert single is not None
+        return RequestBuffers(guest_memory, single, is_write)
+    ranges = _build(buffers, split=True)
+    assert ranges is not None
+    if len(ranges) == 1:
+        return RequestBuffers(guest_memory, ranges[0], is_write)
+    return MultiRequestBuffers(guest_memory, ranges, is_write)
