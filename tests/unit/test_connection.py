@@ -1,0 +1,407 @@
+"""vhost_user.connection over a real socketpair, driven by the Python front-end with memfd
+guest memory and real eventfds; the device is the tests' echo device."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.protocol.echo_device import BOOM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, EchoDevice
+from tests.protocol.frontend import (
+    BUFFERS_GPA,
+    DEFAULT_LAYOUT,
+    Driver,
+    Frontend,
+    FrontendMemory,
+    MiB,
+    RegionSpec,
+    make_driver,
+    ring_layout,
+)
+from tests.protocol.hostile import HOSTILE, hostile
+from vhost_user import codec
+from vhost_user.connection import MAX_MEM_SLOTS, OFFERED_PROTOCOL_FEATURES, Connection
+from vhost_user.errors import ConnectionClosed, FrontendProtocolError
+
+FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | codec.VHOST_USER_F_PROTOCOL_FEATURES
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@dataclass
+class Backend:
+    fe: Frontend
+    device: EchoDevice
+    conn: Connection
+    thread: threading.Thread
+    result: list[FrontendProtocolError | None]
+    memory: FrontendMemory
+    drivers: dict[int, Driver] = field(default_factory=dict)
+
+    def driver(self, q: int) -> Driver:
+        if q not in self.drivers:
+            self.drivers[q] = make_driver(self.memory.mem, ring_layout(q), event_idx=True)
+        return self.drivers[q]
+
+    def finish(self, timeout: float = 5.0) -> FrontendProtocolError | None:
+        """Wait for the connection thread to end; its run() result."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "connection thread did not end"
+        return self.result[0]
+
+    def expect_dropped(self, match: str) -> None:
+        error = self.finish()
+        assert isinstance(error, FrontendProtocolError), error
+        assert match in str(error), str(error)
+        with pytest.raises(ConnectionClosed):
+            self.fe.transport.receive_raw()
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    before = open_fds()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    device = EchoDevice()
+    conn = Connection(theirs, device, message_timeout=2.0)
+    result: list[FrontendProtocolError | None] = [None]
+
+    def run() -> None:
+        result[0] = conn.run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    memory = FrontendMemory()
+    fe = Frontend(ours, timeout=5.0)
+    b = Backend(fe, device, conn, thread, result, memory)
+    yield b
+    device.gate.set()
+    fe.close()
+    b.finish()
+    memory.close()
+    assert conn.memory is None
+    assert open_fds() <= before, "the connection leaked fds"
+
+
+def ready(b: Backend, *, features: int = FEATURES, queues: tuple[int, ...] = (0,)) -> None:
+    b.fe.handshake()
+    b.fe.set_features(features)
+    b.fe.set_mem_table(b.memory)
+    for q in queues:
+        b.driver(q)
+        lay = ring_layout(q)
+        b.fe.setup_vring(q, b.memory, size=lay.size, desc=lay.desc, avail=lay.avail, used=lay.used)
+
+
+def buffers(q: int, n: int = 0) -> tuple[int, int]:
+    """A readable and a writable buffer gpa for request ``n`` of queue ``q``."""
+    base = BUFFERS_GPA + (q * 64 + n) * 0x200
+    return base, base + 0x100
+
+
+def echo(b: Backend, q: int, text: bytes, n: int = 0, *, wait: bool = True) -> int:
+    rd, wr = buffers(q, n)
+    b.memory.mem.write_at(rd, text)
+    head = b.driver(q).add([(rd, len(text), False), (wr, 0x100, True)])
+    b.fe.kick(q)
+    if wait:
+        wait_used(b, q)
+    return head
+
+
+def wait_used(b: Backend, q: int) -> None:
+    """Wait for a used-buffer notification that comes with used entries (the back-end may
+    also signal spuriously, e.g. once on a new call fd)."""
+    deadline = time.monotonic() + 5
+    while True:
+        assert b.fe.wait_call(q, timeout=max(0.0, deadline - time.monotonic())), "no notification"
+        if b.driver(q).has_used():
+            return
+
+
+# -- handshake -------------------------------------------------------------------------------
+
+
+def test_qemu_handshake_answers(backend: Backend) -> None:
+    features = backend.fe.handshake()
+    assert features == VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | (1 << 30)
+    assert backend.fe.protocol_features == OFFERED_PROTOCOL_FEATURES
+    assert backend.fe.queue_num == 2
+    assert backend.fe.max_mem_slots == MAX_MEM_SLOTS
+    assert backend.fe.config == bytes(range(60))
+    backend.fe.set_features(FEATURES)
+    assert backend.device.acked == VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    assert backend.conn.owner
+
+
+def test_get_config_past_the_layout_reads_zero(backend: Backend) -> None:
+    backend.fe.handshake()
+    assert backend.fe.get_config(60, 8) == bytes([60, 61, 62, 63, 0, 0, 0, 0])
+
+
+def test_set_config_reaches_the_device(backend: Backend) -> None:
+    backend.fe.handshake()
+    backend.fe.call(codec.SetConfig(4, b"\xaa\xbb"))
+    assert backend.fe.get_config(3, 4) == bytes([3, 0xAA, 0xBB, 6])
+
+
+# -- data path -------------------------------------------------------------------------------
+
+
+def test_request_round_trip_and_vring_base(backend: Backend) -> None:
+    ready(backend)
+    head = echo(backend, 0, b"hello, ring")
+    assert backend.driver(0).used() == [(head, 11)]
+    _, wr = buffers(0)
+    assert backend.memory.mem.read_at(wr, 11) == b"HELLO, RING"
+    assert backend.fe.get_vring_base(0) == 1
+    assert backend.device.quiesced == 1
+
+
+def test_many_requests_in_one_batch(backend: Backend) -> None:
+    ready(backend)
+    backend.device.gate.clear()
+    heads = []
+    for n in range(30):
+        rd, wr = buffers(0, n)
+        backend.memory.mem.write_at(rd, b"x%d" % n)
+        heads.append(backend.driver(0).add([(rd, len(b"x%d" % n), False), (wr, 0x100, True)]))
+    backend.fe.kick(0)
+    backend.device.gate.set()
+    got: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 5
+    while len(got) < 30 and time.monotonic() < deadline:
+        backend.fe.wait_call(0, timeout=0.5)
+        got += backend.driver(0).used()
+    assert sorted(h for h, _ in got) == sorted(heads)
+    assert backend.fe.get_vring_base(0) == 30
+
+
+def test_ring_waits_for_enable_when_protocol_features_acked(backend: Backend) -> None:
+    backend.fe.handshake()
+    backend.fe.set_features(FEATURES)
+    backend.fe.set_mem_table(backend.memory)
+    lay = ring_layout(0)
+    backend.driver(0)
+    backend.fe.setup_vring(
+        0,
+        backend.memory,
+        size=lay.size,
+        desc=lay.desc,
+        avail=lay.avail,
+        used=lay.used,
+        enable=False,
+    )
+    echo(backend, 0, b"early", wait=False)
+    assert not backend.fe.wait_call(0, timeout=0.3)
+    assert backend.driver(0).used() == []
+    backend.fe.set_vring_enable(0, True)
+    wait_used(backend, 0)
+    assert len(backend.driver(0).used()) == 1
+
+
+def test_ring_enabled_from_start_without_protocol_features(backend: Backend) -> None:
+    ready(backend, features=VIRTIO_F_VERSION_1)
+    backend.fe.set_vring_enable(0, False)  # ignored: PROTOCOL_FEATURES not acked
+    head = echo(backend, 0, b"legacy")
+    assert backend.driver(0).used() == [(head, 6)]
+
+
+def test_queues_run_concurrently(backend: Backend) -> None:
+    ready(backend, queues=(0, 1))
+    backend.device.gate.clear()
+    echo(backend, 0, b"q0", wait=False)
+    echo(backend, 1, b"q1", wait=False)
+    assert backend.device.entered.acquire(timeout=5)
+    assert backend.device.entered.acquire(timeout=5), "second queue stalled behind the first"
+    backend.device.gate.set()
+    wait_used(backend, 0)
+    wait_used(backend, 1)
+    assert len(backend.device.threads) == 2
+
+
+def test_get_vring_base_waits_for_the_request_in_flight(backend: Backend) -> None:
+    ready(backend)
+    backend.device.gate.clear()
+    head = echo(backend, 0, b"slow", wait=False)
+    assert backend.device.entered.acquire(timeout=5)
+    base: list[int] = []
+    getter = threading.Thread(target=lambda: base.append(backend.fe.get_vring_base(0)))
+    getter.start()
+    time.sleep(0.2)
+    assert base == [], "GET_VRING_BASE answered while a request was in flight"
+    backend.device.gate.set()
+    getter.join(5)
+    assert base == [1]
+    assert backend.driver(0).used() == [(head, 4)]
+
+
+def test_disable_then_get_vring_base_like_qemu_7_2_quiesces(backend: Backend) -> None:
+    ready(backend)
+    echo(backend, 0, b"x")
+    backend.fe.set_vring_enable(0, False)
+    assert backend.fe.get_vring_base(0) == 1
+    assert backend.device.quiesced == 1
+
+
+def test_restart_after_get_vring_base_resumes_at_base(backend: Backend) -> None:
+    ready(backend)
+    echo(backend, 0, b"one")
+    backend.driver(0).used()
+    base = backend.fe.get_vring_base(0)
+    lay = ring_layout(0)
+    backend.fe.setup_vring(
+        0, backend.memory, size=lay.size, desc=lay.desc, avail=lay.avail, used=lay.used, base=base
+    )
+    head = echo(backend, 0, b"two", n=1)
+    assert backend.driver(0).used() == [(head, 3)]
+
+
+def test_call_fd_swapped_while_running(backend: Backend) -> None:
+    ready(backend)
+    new_call = os.eventfd(0, os.EFD_NONBLOCK)
+    old = backend.fe.vrings[0].call
+    backend.fe.call(codec.SetVringCall(0, new_call))
+    backend.fe.vrings[0].call = new_call
+    os.close(old)
+    os.eventfd_read(new_call)  # the back-end signals a new call fd once, like libvhost-user
+    echo(backend, 0, b"after swap")
+    assert len(backend.driver(0).used()) == 1
+
+
+def test_add_and_remove_memory_while_running(backend: Backend) -> None:
+    ready(backend)
+    fd = os.memfd_create("hotplug")
+    os.ftruncate(fd, 1 * MiB)
+    region = codec.MemRegion(8 * MiB, 1 * MiB, 0x7E00_0000_0000, 0)
+    backend.fe.add_mem_reg(region, fd)
+    echo(backend, 0, b"after add")
+    assert len(backend.driver(0).used()) == 1
+    backend.fe.rem_mem_reg(region)
+    echo(backend, 0, b"after remove", n=1)
+    assert len(backend.driver(0).used()) == 1
+    os.close(fd)
+    assert len(backend.conn.regions) == 2
+
+
+def test_set_mem_table_while_running_keeps_the_ring_position(backend: Backend) -> None:
+    ready(backend)
+    echo(backend, 0, b"first")
+    backend.driver(0).used()
+    backend.fe.set_mem_table(backend.memory)
+    echo(backend, 0, b"second", n=1)
+    assert backend.driver(0).used()[0][1] == 6
+    assert backend.fe.get_vring_base(0) == 2
+
+
+def test_notify_config_change_over_backend_channel(backend: Backend) -> None:
+    backend.fe.handshake()
+    channel = backend.fe.backend_channel
+    assert channel is not None
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(backend.conn.notify_config_change()))
+    t.start()
+    from vhost_user.transport import Transport
+
+    side = Transport(channel, message_timeout=5)
+    header, payload, fds = side.receive_raw()
+    msg = codec.parse_backend_request(header, payload, fds)
+    assert msg == codec.ConfigChangeMsg(need_reply=True)
+    side.send_reply(codec.U64Reply(codec.BackendRequest.CONFIG_CHANGE_MSG, 0))
+    t.join(5)
+    assert result == [True]
+
+
+# -- the guest misbehaves: the queue (at worst) fails, the connection goes on ----------------
+
+
+def test_descriptor_outside_memory_fails_only_that_request(backend: Backend) -> None:
+    ready(backend)
+    head = backend.driver(0).add([(1 * MiB + 0x100, 16, False)])  # in the hole
+    backend.fe.kick(0)
+    wait_used(backend, 0)
+    assert backend.driver(0).used() == [(head, 0)]
+    assert len(backend.device.faults) == 1
+    head = echo(backend, 0, b"still fine", n=1)
+    assert backend.driver(0).used() == [(head, 10)]
+
+
+def test_device_exception_breaks_only_its_queue(backend: Backend) -> None:
+    ready(backend, queues=(0, 1))
+    echo(backend, 0, BOOM, wait=False)
+    time.sleep(0.3)
+    head = echo(backend, 1, b"other queue", n=1)
+    assert backend.driver(1).used() == [(head, 11)]
+    assert backend.fe.get_features() & (1 << 30)
+    assert backend.driver(0).used() == []
+    # The front-end resets the broken queue (stop, set up again): it runs again.
+    base = backend.fe.get_vring_base(0)
+    assert base == 1
+    lay = ring_layout(0)
+    backend.fe.setup_vring(
+        0, backend.memory, size=lay.size, desc=lay.desc, avail=lay.avail, used=lay.used, base=base
+    )
+    head = echo(backend, 0, b"works again", n=2)
+    assert backend.driver(0).used() == [(head, 11)]
+
+
+def test_broken_avail_index_breaks_only_its_queue(backend: Backend) -> None:
+    ready(backend, queues=(0, 1))
+    lay = ring_layout(0)
+    backend.memory.mem.write_u16(lay.avail + 2, 1000)  # 1000 entries "available" in 64 slots
+    backend.fe.kick(0)
+    time.sleep(0.3)
+    head = echo(backend, 1, b"other queue", n=1)
+    assert backend.driver(1).used() == [(head, 11)]
+    assert backend.fe.get_queue_num() == 2
+
+
+# -- the front-end misbehaves: error reply if asked, connection dropped, nothing leaked -------
+
+
+def test_disconnect_stops_everything(backend: Backend) -> None:
+    ready(backend, queues=(0, 1))
+    echo(backend, 0, b"x")
+    backend.fe.close()
+    assert backend.finish() is None
+    assert backend.device.quiesced >= 1
+    assert all(r.worker is None for r in backend.conn.rings)
+
+
+def test_error_is_acked_with_failure_then_dropped(backend: Backend) -> None:
+    backend.fe.handshake()
+    reply = backend.fe.request(codec.SetVringNum(0, 3, need_reply=True))
+    assert isinstance(reply, codec.U64Reply) and reply.value != 0
+    backend.expect_dropped("power of two")
+
+
+def test_failed_get_config_gets_an_empty_reply(backend: Backend) -> None:
+    backend.fe.handshake()
+    assert backend.fe.get_config(4000, 200) == b""
+    backend.expect_dropped("GetConfig")
+
+
+@pytest.mark.parametrize(("case", "match"), HOSTILE, ids=[c for c, _ in HOSTILE])
+def test_hostile_frontend_is_dropped(backend: Backend, case: str, match: str) -> None:
+    hostile(backend.fe, backend.memory, case)
+    backend.expect_dropped(match)
+
+
+def test_truncated_message_drops_the_connection(backend: Backend) -> None:
+    backend.fe.handshake()
+    backend.fe.send_raw(codec.serialize(codec.SetVringNum(0, 64))[:15])
+    backend.fe.transport.sock.shutdown(socket.SHUT_WR)
+    backend.expect_dropped("middle of a message")
+
+
+def test_region_specs_used_by_tests_have_a_hole() -> None:
+    specs: tuple[RegionSpec, ...] = DEFAULT_LAYOUT
+    assert specs[0].guest_phys_addr + specs[0].size < specs[1].guest_phys_addr
+    assert all(s.userspace_addr != s.guest_phys_addr for s in specs)

@@ -1,0 +1,250 @@
+"""Listen on a Unix socket and serve one vhost-user front-end at a time.
+
+API for the CLI::
+
+    server = Server(socket_path, device)   # binds and listens now (OSError if it cannot)
+    signal handler:  server.stop()         # async-signal-safe, thread-safe, idempotent
+    server.serve_forever()                 # returns after stop(): in-flight requests done,
+                                           # device quiesced, socket file removed
+    server.notify_config_change()          # after a live resize (any thread)
+
+or ``serve(socket_path, device_or_factory, stop=event_or_fd)`` for the same in one call.
+
+``device`` is either a :class:`~vhost_user.device.VhostUserDevice`, reused by every connection
+in turn (each front-end negotiates features afresh), or a zero-argument factory called once
+per accepted connection.
+
+Socket file: a stale socket left by a dead process is replaced; a socket someone still listens
+on, or a path that is not a socket, raises :class:`FileExistsError` and nothing is touched.
+
+One front-end at a time: while a connection runs, another that connects is accepted and closed
+at once (logged), because two front-ends driving one disk would corrupt it. A front-end that
+breaks the protocol is dropped with a warning and the server keeps listening; so is one that
+triggers a bug of ours (logged with its traceback). Nothing a front-end sends ends the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import stat
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from vhost_user.connection import Connection
+from vhost_user.device import VhostUserDevice
+from vhost_user.errors import ConnectionClosed, FrontendProtocolError
+
+log = structlog.get_logger(__name__)
+
+DeviceSource = VhostUserDevice | Callable[[], VhostUserDevice]
+_EVENT_POLL_MS = 200
+
+
+def _prepare_path(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket", socket=path)
+        os.unlink(path)
+        return
+    except TimeoutError:
+        pass  # a listener with a full backlog is still a listener
+    finally:
+        probe.close()
+    raise FileExistsError(errno.EADDRINUSE, "another process is listening on this socket", path)
+
+
+class Server:
+    """A listening vhost-user socket; see the module docstring."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        device: DeviceSource,
+        *,
+        message_timeout: float | None = 5.0,
+    ) -> None:
+        self.socket_path = socket_path
+        self._device = device
+        self._message_timeout = message_timeout
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stopping = threading.Event()
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+        _prepare_path(socket_path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(socket_path)
+            self._inode = os.stat(socket_path).st_ino
+            self._listener.listen(4)
+        except BaseException:
+            self._listener.close()
+            os.close(self._stop_fd)
+            raise
+        self.log = log.bind(socket=socket_path)
+
+    # -- control -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to finish. Safe from a signal handler and any thread."""
+        self._stopping.set()
+        os.eventfd_write(self._stop_fd, 1)
+
+    @property
+    def connection(self) -> Connection | None:
+        """The front-end being served, if any."""
+        return self._connection
+
+    def notify_config_change(self) -> bool:
+        """Forward a config-space change to the current front-end (False if none took it)."""
+        with self._lock:
+            conn = self._connection
+            return conn.notify_config_change() if conn is not None else False
+
+    def _make_device(self) -> VhostUserDevice:
+        device = self._device
+        if hasattr(device, "handle_chain"):
+            return device  # type: ignore[return-value]
+        assert callable(device)
+        made: VhostUserDevice = device()
+        return made
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def serve_forever(self, stop: threading.Event | int | None = None) -> None:
+        """Accept and serve front-ends until :meth:`stop` (or ``stop`` is set / readable).
+
+        On return the last connection has been closed (in-flight requests finished, device
+        quiesced) and the socket file removed.
+        """
+        poller = select.poll()
+        listen_fd = self._listener.fileno()
+        poller.register(listen_fd, select.POLLIN)
+        poller.register(self._stop_fd, select.POLLIN)
+        if isinstance(stop, int):
+            poller.register(stop, select.POLLIN)
+        timeout = _EVENT_POLL_MS if isinstance(stop, threading.Event) else None
+        conn_fd = -1
+        self.log.info("listening")
+        try:
+            while True:
+                if self._stopping.is_set() or (isinstance(stop, threading.Event) and stop.is_set()):
+                    break
+                events = poller.poll(timeout)
+                if any(fd in (self._stop_fd, stop) for fd, _ in events):
+                    break
+                ready = {fd for fd, _ev in events}
+                # The current connection first: if it has just hung up, a front-end that is
+                # reconnecting gets served instead of refused.
+                if conn_fd in ready and not self._serve_one():
+                    poller.unregister(conn_fd)
+                    conn_fd = -1
+                    self._end_connection()
+                if listen_fd in ready and self._accept():
+                    assert self._connection is not None
+                    conn_fd = self._connection.fileno()
+                    poller.register(conn_fd, select.POLLIN)
+        finally:
+            self._end_connection()
+            self.close()
+        self.log.info("server stopped")
+
+    def _accept(self) -> bool:
+        try:
+            sock, _ = self._listener.accept()
+        except OSError as exc:
+            self.log.warning("accept failed", error=str(exc))
+            return False
+        if self._connection is not None:
+            self.log.warning(
+                "refusing a second front-end: one is already connected",
+                connected=self._connection.id,
+            )
+            sock.close()
+            return False
+        try:
+            conn = Connection(sock, self._make_device(), message_timeout=self._message_timeout)
+        except Exception:
+            self.log.exception("cannot set up a connection")
+            sock.close()
+            return False
+        with self._lock:
+            self._connection = conn
+        conn.log.info("front-end connected")
+        return True
+
+    def _serve_one(self) -> bool:
+        """Handle one message of the current connection; False when it has ended."""
+        conn = self._connection
+        assert conn is not None
+        try:
+            conn.handle_message()
+        except ConnectionClosed:
+            conn.log.info("front-end disconnected")
+            return False
+        except FrontendProtocolError as exc:
+            conn.log.warning("front-end protocol error: dropping connection", error=str(exc))
+            return False
+        except Exception:
+            conn.log.exception("internal error: dropping connection")
+            return False
+        return True
+
+    def _end_connection(self) -> None:
+        with self._lock:
+            conn, self._connection = self._connection, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                conn.log.exception("internal error while closing the connection")
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file (if it is still ours). Idempotent."""
+        if self._listener.fileno() < 0:
+            return
+        self._listener.close()
+        try:
+            if os.stat(self.socket_path).st_ino == self._inode:
+                os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    def __del__(self) -> None:
+        # Closed only here, never in close(): stop() may run from a signal handler or another
+        # thread at any time, and must never write into an fd number the kernel reused.
+        fd, self._stop_fd = getattr(self, "_stop_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end_connection()
+        self.close()
+
+
+def serve(
+    socket_path: str,
+    device_factory: DeviceSource,
+    *,
+    stop: threading.Event | int | None = None,
+    message_timeout: float | None = 5.0,
+) -> None:
+    """Bind ``socket_path`` and serve until ``stop`` is set (an Event) or readable (an fd)."""
+    server = Server(socket_path, device_factory, message_timeout=message_timeout)
+    server.serve_forever(stop)
