@@ -15,7 +15,6 @@ import re
 import signal
 import stat
 import sys
-import threading
 from collections.abc import Sequence
 from types import FrameType
 from typing import NoReturn
@@ -144,10 +143,9 @@ def _check_socket_path(path: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vhost_user.server import Server
-
     from blkdev.device import BlkDevice
     from blkdev.image import open_disk
+    from vhost_user.server import Server
 
     if len(args.serial.encode()) > 20:
         raise UsageError("--serial must be at most 20 bytes (virtio-blk GET_ID)")
@@ -173,16 +171,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             queue_size=args.queue_size,
         )
         server = Server(args.socket, device)
-        stop = threading.Event()
-
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("stopping", signal=signal.Signals(signum).name)
-            stop.set()
             server.stop()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        log.info("listening", socket=args.socket, num_queues=args.num_queues)
         server.serve_forever()
     finally:
         disk.close()

@@ -1,0 +1,292 @@
+"""BlkDevice: a virtio-blk device (virtio 1.2 section 5.2) over a Disk, for vhost_user.
+
+Each request is parsed by the pure functions of :mod:`blkdev.virtio_blk`, executed on the
+disk, and answered with a status byte. Nothing the guest puts in a chain makes
+:meth:`BlkDevice.handle_chain` raise: bad requests get IOERR or UNSUPP, local I/O failures
+IOERR.
+
+Used lengths (2.7.8): the device reports the bytes it wrote into the chain's writable part,
+data plus the status byte (an IN of 4096 bytes: 4097; a failed request: 1). A chain the ring
+walker flagged as faulty gets 0, with IOERR written to its status byte when that byte is
+reachable.
+
+Cache mode: ``writeback`` (config space, 5.2.4) starts at 1. The device is write-through when
+the driver sets it to 0 or did not negotiate VIRTIO_BLK_F_FLUSH ("if VIRTIO_BLK_F_FLUSH is not
+negotiated, the device MUST ... behave as write-through", 5.2.5/5.2.6.2): every write is
+then followed by a flush before its status is reported. The driver's choice is kept across
+renegotiations (backend reconnections), since QEMU does not replay it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Final
+
+import structlog
+
+from blkdev import virtio_blk as vb
+from blkdev.disk import Disk
+from blkdev.errors import BlkdevError
+from memory import AccessError, GuestMemory, GuestMemoryError, request_buffers_from_buffers
+from vhost_user.chain import DescriptorChain
+
+log = structlog.get_logger(__name__)
+
+CONFIG_SPACE_LIMIT: Final = 4096
+MAX_DISCARD_SEGMENTS: Final = 256
+#: Largest DISCARD / WRITE_ZEROES segment, as QEMU (INT_MAX bytes rounded down to sectors).
+MAX_DWZ_SECTORS: Final = (2**31 - 1) // vb.SECTOR_SIZE
+SIZE_MAX: Final = 1 << 20
+
+# What a request may fail with, all local or guest-memory problems: answered with IOERR.
+_IO_FAILURES: Final = (BlkdevError, OSError, AccessError, GuestMemoryError)
+
+
+class BlkDevice:
+    """A virtio-blk device serving ``disk``; implements ``vhost_user.device.VhostUserDevice``.
+
+    ``seg_max`` (data descriptors per request) defaults to ``min(queue_size, 128) - 2``: the
+    driver may build indirect chains of seg_max + 2 descriptors and no chain may be longer than
+    the queue the frontend actually sets up (2.7.5.3.1), which can be smaller than
+    ``queue_size`` (QEMU's vhost-user-blk default is 128).
+    """
+
+    def __init__(
+        self,
+        disk: Disk,
+        *,
+        num_queues: int = 1,
+        serial: str | bytes = "",
+        read_only: bool = False,
+        queue_size: int = 1024,
+        seg_max: int | None = None,
+    ) -> None:
+        if not 1 <= num_queues <= 0xFFFF:
+            raise ValueError(f"num_queues must be 1..65535, not {num_queues}")
+        if not 2 <= queue_size <= 32768 or queue_size & (queue_size - 1):
+            raise ValueError(f"queue_size must be a power of two in 2..32768, not {queue_size}")
+        if seg_max is None:
+            seg_max = min(queue_size, 128) - 2
+        if not 1 <= seg_max <= queue_size - 2:
+            raise ValueError(f"seg_max must be 1..queue_size-2, not {seg_max}")
+        self._disk = disk
+        self._num_queues = num_queues
+        self._queue_size = queue_size
+        self._read_only = read_only or disk.read_only
+        self._id = vb.id_bytes(serial)
+        self._discard = disk.supports_discard and not self._read_only
+        self._write_zeroes = disk.supports_write_zeroes and not self._read_only
+        granularity = int(getattr(disk, "discard_granularity", 4096))
+        self._config = vb.BlkConfig(
+            capacity=disk.size // vb.SECTOR_SIZE,
+            size_max=SIZE_MAX,
+            seg_max=seg_max,
+            blk_size=vb.SECTOR_SIZE,
+            # 4 KiB physical blocks: guests then align and size their I/O to 4 KiB, which
+            # keeps O_DIRECT and qcow2 clusters on their fast path.
+            physical_block_exp=3,
+            min_io_size=8,
+            writeback=1,
+            num_queues=num_queues,
+            max_discard_sectors=MAX_DWZ_SECTORS if self._discard else 0,
+            max_discard_seg=MAX_DISCARD_SEGMENTS if self._discard else 0,
+            discard_sector_alignment=max(1, granularity // vb.SECTOR_SIZE) if self._discard else 0,
+            max_write_zeroes_sectors=MAX_DWZ_SECTORS if self._write_zeroes else 0,
+            max_write_zeroes_seg=MAX_DISCARD_SEGMENTS if self._write_zeroes else 0,
+            write_zeroes_may_unmap=1 if self._write_zeroes else 0,
+        )
+        self._state_lock = threading.Lock()
+        self._acked = self.device_features()
+        self._limits = self._make_limits(self._acked)
+        # The cache mode the driver chose (config ``writeback``), and the one in force: it also
+        # needs FLUSH negotiated. The choice outlives set_acked_features, i.e. a reconnection:
+        # QEMU keeps the config it last read and wrote across backend reconnects and the
+        # guest is not told again, so forgetting a write-through choice would silently turn
+        # the guest's writes volatile.
+        self._wce = True
+        self._writeback = True
+
+    # -- VhostUserDevice -------------------------------------------------------------------
+
+    @property
+    def num_queues(self) -> int:
+        return self._num_queues
+
+    @property
+    def max_queue_size(self) -> int:
+        return self._queue_size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def device_features(self) -> int:
+        bits = [
+            vb.VIRTIO_F_VERSION_1,
+            vb.VIRTIO_RING_F_INDIRECT_DESC,
+            vb.VIRTIO_RING_F_EVENT_IDX,
+            vb.VIRTIO_BLK_F_SIZE_MAX,
+            vb.VIRTIO_BLK_F_SEG_MAX,
+            vb.VIRTIO_BLK_F_BLK_SIZE,
+            vb.VIRTIO_BLK_F_FLUSH,
+            vb.VIRTIO_BLK_F_TOPOLOGY,
+            vb.VIRTIO_BLK_F_CONFIG_WCE,
+            vb.VIRTIO_BLK_F_MQ,
+        ]
+        if self._discard:
+            bits.append(vb.VIRTIO_BLK_F_DISCARD)
+        if self._write_zeroes:
+            bits.append(vb.VIRTIO_BLK_F_WRITE_ZEROES)
+        if self._read_only:
+            bits.append(vb.VIRTIO_BLK_F_RO)
+        return sum(1 << b for b in bits)
+
+    def set_acked_features(self, features: int) -> None:
+        with self._state_lock:
+            self._acked = features & self.device_features()
+            self._limits = self._make_limits(self._acked)
+            was = self._set_writeback(self._wce)
+        if was and not self._writeback:
+            self._flush_logged("cache mode change to write-through")
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > CONFIG_SPACE_LIMIT:
+            raise ValueError(f"config access {offset}+{size} outside the config space")
+        with self._state_lock:
+            raw = self._config_bytes()
+        return raw[offset : offset + size].ljust(size, b"\0")
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > CONFIG_SPACE_LIMIT:
+            raise ValueError(f"config write {offset}+{len(data)} outside the config space")
+        index = vb.CONFIG_WRITEBACK_OFFSET - offset
+        if not 0 <= index < len(data):
+            return
+        with self._state_lock:
+            if not self._acked & (1 << vb.VIRTIO_BLK_F_CONFIG_WCE):
+                return
+            was = self._set_writeback(bool(data[index]))
+        if was and not self._writeback:
+            # Writes completed while the cache was on are not durable yet; make them so
+            # before we start promising write-through.
+            self._flush_logged("cache mode change to write-through")
+
+    def quiesce(self) -> None:
+        self._flush_logged("quiesce")
+
+    def handle_chain(self, queue_index: int, memory: GuestMemory, chain: DescriptorChain) -> int:
+        if chain.fault is not None:
+            log.debug(
+                "guest fault in chain", queue=queue_index, head=chain.head, fault=str(chain.fault)
+            )
+            # Only a complete chain's last descriptor is known to be the status buffer.
+            last = chain.descriptors[-1] if chain.complete and chain.descriptors else None
+            if last is not None and last.device_writable and last.length >= 1:
+                self._write_status(memory, last.gpa + last.length - 1, vb.VIRTIO_BLK_S_IOERR)
+            return 0
+        layout = vb.split_chain(chain.descriptors)
+        if layout.status is None:
+            log.debug("chain has no status byte", queue=queue_index, head=chain.head)
+            return 0
+        status, written = self._serve(memory, layout)
+        if not self._write_status(memory, layout.status, status):
+            return 0
+        return written + 1
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _config_bytes(self) -> bytes:
+        raw = bytearray(self._config.pack())
+        raw[vb.CONFIG_WRITEBACK_OFFSET] = int(self._writeback)
+        return bytes(raw)
+
+    def _set_writeback(self, wce: bool) -> bool:
+        """Record the driver's choice; return whether the cache was on before. Lock held."""
+        self._wce = wce
+        was, self._writeback = (
+            self._writeback,
+            wce and bool(self._acked & (1 << vb.VIRTIO_BLK_F_FLUSH)),
+        )
+        return was
+
+    def _make_limits(self, acked: int) -> vb.Limits:
+        return vb.Limits(
+            capacity_sectors=self._config.capacity,
+            read_only=self._read_only,
+            discard=self._discard and bool(acked & (1 << vb.VIRTIO_BLK_F_DISCARD)),
+            max_discard_sectors=self._config.max_discard_sectors,
+            max_discard_seg=self._config.max_discard_seg,
+            write_zeroes=self._write_zeroes and bool(acked & (1 << vb.VIRTIO_BLK_F_WRITE_ZEROES)),
+            max_write_zeroes_sectors=self._config.max_write_zeroes_sectors,
+            max_write_zeroes_seg=self._config.max_write_zeroes_seg,
+        )
+
+    def _flush_logged(self, why: str) -> None:
+        if self._read_only:
+            return
+        try:
+            self._disk.flush()
+        except (BlkdevError, OSError) as e:
+            log.error("flush failed", reason=why, error=str(e))
+
+    @staticmethod
+    def _write_status(memory: GuestMemory, gpa: int, status: int) -> bool:
+        try:
+            memory.write_at(gpa, bytes((status,)))
+        except (AccessError, GuestMemoryError):
+            return False
+        return True
+
+    @staticmethod
+    def _read(memory: GuestMemory, segments: tuple[vb.Segment, ...]) -> bytes:
+        return b"".join(memory.read_at(gpa, n) for gpa, n in segments)
+
+    def _serve(self, memory: GuestMemory, layout: vb.ChainLayout) -> tuple[int, int]:
+        """Execute one request: (status, data bytes written to guest memory)."""
+        limits = self._limits
+        try:
+            if layout.header_length < vb.REQUEST_HEADER.size:
+                return vb.VIRTIO_BLK_S_IOERR, 0
+            header = vb.decode_header(self._read(memory, layout.header))
+            plan = vb.plan_request(header, layout, limits)
+            if isinstance(plan, vb.Fail):
+                return plan.status, 0
+            if isinstance(plan, vb.Read):
+                if plan.length:
+                    buffers = request_buffers_from_buffers(memory, list(plan.segments), True)
+                    self._disk.read(plan.offset, buffers)
+                return vb.VIRTIO_BLK_S_OK, plan.length
+            if isinstance(plan, vb.Write):
+                if plan.length:
+                    buffers = request_buffers_from_buffers(memory, list(plan.segments), False)
+                    self._disk.write(plan.offset, buffers)
+                    self._after_write()
+                return vb.VIRTIO_BLK_S_OK, 0
+            if isinstance(plan, vb.Flush):
+                if not self._read_only:
+                    self._disk.flush()
+                return vb.VIRTIO_BLK_S_OK, 0
+            if isinstance(plan, vb.GetId):
+                pos = 0
+                for gpa, n in plan.segments:
+                    memory.write_at(gpa, self._id[pos : pos + n])
+                    pos += n
+                return vb.VIRTIO_BLK_S_OK, plan.length
+            ranges = vb.decode_segments(plan.type, self._read(memory, plan.segments), limits)
+            if isinstance(ranges, vb.Fail):
+                return ranges.status, 0
+            for r in ranges:
+                if plan.type == vb.VIRTIO_BLK_T_DISCARD:
+                    self._disk.discard(r.offset, r.length)
+                else:
+                    self._disk.write_zeroes(r.offset, r.length, r.unmap)
+            if ranges:
+                self._after_write()
+            return vb.VIRTIO_BLK_S_OK, 0
+        except _IO_FAILURES as e:
+            log.debug("request failed", error=str(e))
+            return vb.VIRTIO_BLK_S_IOERR, 0
+
+    def _after_write(self) -> None:
+        if not self._writeback:
+            self._disk.flush()

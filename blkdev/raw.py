@@ -1,0 +1,402 @@
+"""Raw images: a regular file or a block device, byte for byte.
+
+Data moves with ``os.preadv``/``os.pwritev`` straight between the image and the guest's pages
+(``buffers.lock(...).io_vecs()``), at most IOV_MAX vectors per call, looping on short
+transfers. With ``cache="none"`` the image is opened O_DIRECT; requests whose guest buffers,
+offset or length are not aligned to the storage's block size go through a BounceBuffer.
+
+Flush errors are sticky: once fdatasync has failed the kernel may have dropped the dirty pages
+it could not write (and cleared the error), so a later fdatasync succeeding would not mean the
+earlier writes are durable. Every later flush fails too; the image must be reopened.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Final, Literal
+
+import structlog
+
+from blkdev.disk import SECTOR_SIZE
+from blkdev.errors import DiskIOError, ImageError
+from blkdev.image import check_size, lock_image, open_image_file
+from memory import BounceBuffer, IoBuffers
+
+log = structlog.get_logger(__name__)
+
+IOV_MAX: Final = 1024
+_BOUNCE_CHUNK: Final = 1 << 20
+
+# <linux/fs.h>
+_BLKSSZGET: Final = 0x1268
+_BLKDISCARD: Final = 0x1277
+_BLKZEROOUT: Final = 0x127F
+_BLKGETSIZE64: Final = 0x80081272
+_RANGE: Final = struct.Struct("=QQ")
+
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+FALLOC_FL_ZERO_RANGE: Final = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (``os.posix_fallocate`` has none); raises OSError."""
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def _advance(vecs: list[memoryview], n: int) -> list[memoryview]:
+    """``vecs`` without its first ``n`` bytes."""
+    i = 0
+    while n and n >= len(vecs[i]):
+        n -= len(vecs[i])
+        i += 1
+    rest = vecs[i:]
+    if n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+class RawDisk:
+    """A raw image. Use :meth:`open`."""
+
+    format_name: Final = "raw"
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        path: str,
+        size: int,
+        read_only: bool,
+        block_device: bool,
+        direct: bool,
+        align: int,
+    ) -> None:
+        self._fd = fd
+        self._path = path
+        self._size = size
+        self._read_only = read_only
+        self._block_device = block_device
+        self._direct = direct
+        self._align = align
+        self._closed = False
+        self._close_lock = threading.Lock()
+        # With O_DIRECT on storage whose block is larger than a sector, a write of part of a
+        # block is a read-modify-write of the whole block; a concurrent write to the other
+        # sectors of that block could be lost, so such disks serialise their writes.
+        self._write_lock = threading.Lock() if direct and align > SECTOR_SIZE else None
+        self._flush_error: DiskIOError | None = None
+        self._can_punch = True
+        self._can_zero_range = True
+        self.log = log.bind(image=path)
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        read_only: bool = False,
+        cache: Literal["writeback", "none"] = "writeback",
+    ) -> RawDisk:
+        """Open and lock ``path``; ImageError (naming the fix) when it cannot be served."""
+        if cache not in ("writeback", "none"):
+            raise ValueError(f"unknown cache mode {cache!r}")
+        direct = cache == "none"
+        fd = open_image_file(path, read_only=read_only, direct=direct)
+        try:
+            st = os.fstat(fd)
+            block_device = stat.S_ISBLK(st.st_mode)
+            size = _block_device_size(fd) if block_device else st.st_size
+            check_size(path, size)
+            lock_image(fd, path, read_only=read_only)
+            align = _direct_alignment(fd, block_device) if direct else SECTOR_SIZE
+            if size % align:
+                raise ImageError(
+                    f"{path} is {size} bytes, not a multiple of the storage block size "
+                    f"{align} that --cache none needs: use --cache writeback"
+                )
+            return cls(
+                fd,
+                path=path,
+                size=size,
+                read_only=read_only,
+                block_device=block_device,
+                direct=direct,
+                align=align,
+            )
+        except OSError as e:
+            os.close(fd)
+            raise ImageError(f"cannot use {path}: {e.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def supports_discard(self) -> bool:
+        return not self._read_only
+
+    @property
+    def supports_write_zeroes(self) -> bool:
+        return not self._read_only
+
+    @property
+    def direct(self) -> bool:
+        return self._direct
+
+    def _check(self, offset: int, length: int, write: bool) -> None:
+        if self._closed:
+            raise ValueError("disk is closed")
+        if write and self._read_only:
+            raise ValueError("write to a read-only disk")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ValueError(f"range {offset}+{length} outside the disk ({self._size} bytes)")
+        if offset % SECTOR_SIZE or length % SECTOR_SIZE:
+            raise ValueError(f"range {offset}+{length} is not in whole sectors")
+
+    def _aligned(self, offset: int, buffers: IoBuffers) -> bool:
+        a = self._align
+        return offset % a == 0 and len(buffers) % a == 0 and buffers.is_aligned(a)
+
+    def read(self, offset: int, buffers: IoBuffers) -> None:
+        n = len(buffers)
+        self._check(offset, n, write=False)
+        if n == 0:
+            return
+        if self._direct and not self._aligned(offset, buffers):
+            self._bounce_read(offset, buffers)
+            return
+        with buffers.lock(True) as locked:
+            self._preadv_all(list(locked.io_vecs()), offset)
+
+    def write(self, offset: int, buffers: IoBuffers) -> None:
+        n = len(buffers)
+        self._check(offset, n, write=True)
+        if n == 0:
+            return
+        if self._direct and not self._aligned(offset, buffers):
+            reader = buffers.reader()
+            self._bounce_write(offset, n, lambda view: reader.readinto(view))
+            return
+        with buffers.lock(False) as locked:
+            vecs = list(locked.io_vecs())
+            if self._write_lock is None:
+                self._pwritev_all(vecs, offset)
+            else:
+                with self._write_lock:
+                    self._pwritev_all(vecs, offset)
+
+    def flush(self) -> None:
+        if self._closed:
+            raise ValueError("disk is closed")
+        if self._read_only:
+            return
+        if self._flush_error is not None:
+            raise self._flush_error
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            self._flush_error = DiskIOError(
+                f"fdatasync of {self._path} failed ({e.strerror}); writes since the last "
+                "successful flush may be lost, every later flush fails until the image is "
+                "reopened",
+                e.errno,
+            )
+            self.log.error("flush failed", errno=e.errno)
+            raise self._flush_error from e
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check(offset, length, write=True)
+        if length == 0:
+            return
+        try:
+            with self._write_lock or _NO_LOCK:
+                if self._block_device:
+                    fcntl.ioctl(self._fd, _BLKDISCARD, _RANGE.pack(offset, length))
+                elif self._can_punch:
+                    fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            # Discard is advisory: storage that cannot (EOPNOTSUPP), or not at this
+            # granularity (EINVAL), keeps the data, which the guest must accept.
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                if not self._block_device:
+                    self._can_punch = False
+                return
+            raise DiskIOError(f"discard on {self._path} failed: {e.strerror}", e.errno) from e
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self._check(offset, length, write=True)
+        if length == 0:
+            return
+        try:
+            # Held so that zeroing part of a block cannot interleave with a read-modify-write
+            # of the same block, which would bring the old bytes back.
+            with self._write_lock or _NO_LOCK:
+                if self._zero_in_place(offset, length, unmap):
+                    return
+        except OSError as e:
+            raise DiskIOError(f"write zeroes on {self._path} failed: {e.strerror}", e.errno) from e
+        self._bounce_write(offset, length, lambda view: None)
+
+    def _zero_in_place(self, offset: int, length: int, unmap: bool) -> bool:
+        """Zero without writing data, if the storage can; False when it cannot."""
+        if self._block_device:
+            try:
+                fcntl.ioctl(self._fd, _BLKZEROOUT, _RANGE.pack(offset, length))
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: not whole logical blocks
+                    raise
+                return False
+            return True
+        punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if unmap and self._can_punch and self._try_fallocate(punch, offset, length):
+            return True
+        zero = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+        return self._can_zero_range and self._try_fallocate(zero, offset, length)
+
+    def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        try:
+            fallocate(self._fd, mode, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                self._can_punch = False
+            else:
+                self._can_zero_range = False
+            return False
+        return True
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            try:
+                if not self._read_only:
+                    self.flush()
+            except DiskIOError:
+                pass  # logged by flush; closing must still release the image
+            finally:
+                self._closed = True
+                os.close(self._fd)
+
+    def _preadv_all(self, vecs: list[memoryview], offset: int) -> None:
+        while vecs:
+            try:
+                n = os.preadv(self._fd, vecs[:IOV_MAX], offset)
+            except OSError as e:
+                raise DiskIOError(f"read of {self._path} failed: {e.strerror}", e.errno) from e
+            if n == 0:
+                raise DiskIOError(f"{self._path} ended at {offset} (was it truncated?)", errno.EIO)
+            offset += n
+            vecs = _advance(vecs, n)
+
+    def _pwritev_all(self, vecs: Sequence[memoryview], offset: int) -> None:
+        pending = list(vecs)
+        while pending:
+            try:
+                n = os.pwritev(self._fd, pending[:IOV_MAX], offset)
+            except OSError as e:
+                raise DiskIOError(f"write to {self._path} failed: {e.strerror}", e.errno) from e
+            if n == 0:
+                raise DiskIOError(f"write to {self._path} made no progress", errno.EIO)
+            offset += n
+            pending = _advance(pending, n)
+
+    def _bounce_read(self, offset: int, buffers: IoBuffers) -> None:
+        a = self._align
+        writer = buffers.writer()
+        end = offset + len(buffers)
+        bounce = BounceBuffer(min(_BOUNCE_CHUNK, -(-(end - offset + a) // a) * a))
+        view = bounce.as_mut_bytes()
+        chunk = len(view)
+        pos = offset
+        while pos < end:
+            start = pos - pos % a
+            stop = min(start + chunk, -(-end // a) * a)
+            self._preadv_all([view[: stop - start]], start)
+            writer.write(view[pos - start : min(stop, end) - start])
+            pos = min(stop, end)
+
+    def _bounce_write(self, offset: int, length: int, fill: Callable[[memoryview], object]) -> None:
+        """Write ``length`` bytes at ``offset`` through an aligned buffer; ``fill`` puts the
+        data into the view it is given (a no-op leaves zeros). Partial blocks are
+        read-modify-written under the write lock."""
+        a = self._align
+        end = offset + length
+        bounce = BounceBuffer(min(_BOUNCE_CHUNK, -(-(end - offset + a) // a) * a))
+        view = bounce.as_mut_bytes()
+        chunk = len(view)
+        pos = offset
+        while pos < end:
+            start = pos - pos % a
+            stop = min(start + chunk, -(-end // a) * a)
+            lo, hi = pos - start, min(stop, end) - start
+            with self._write_lock or _NO_LOCK:
+                if lo or hi < stop - start:
+                    self._preadv_all([view[: stop - start]], start)
+                view[lo:hi] = bytes(hi - lo)
+                fill(view[lo:hi])
+                self._pwritev_all([view[: stop - start]], start)
+            pos = min(stop, end)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK: Final = _NoLock()
+
+
+def _block_device_size(fd: int) -> int:
+    try:
+        buf = fcntl.ioctl(fd, _BLKGETSIZE64, bytes(8))
+        return int(struct.unpack("=Q", buf)[0])
+    except OSError:
+        return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _direct_alignment(fd: int, block_device: bool) -> int:
+    """The block size O_DIRECT needs: the logical sector size for a block device; for a file,
+    512 if a 512-byte-aligned read works, else 4096."""
+    if block_device:
+        try:
+            buf = fcntl.ioctl(fd, _BLKSSZGET, bytes(4))
+            return max(SECTOR_SIZE, int(struct.unpack("=i", buf)[0]))
+        except OSError:
+            return 4096
+    bounce = BounceBuffer(8192)
+    try:
+        os.preadv(fd, [bounce.as_mut_bytes()[SECTOR_SIZE : 2 * SECTOR_SIZE]], 0)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return 4096
+    return SECTOR_SIZE
