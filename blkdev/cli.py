@@ -171,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             queue_size=args.queue_size,
         )
         server = Server(args.socket, device)
+
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("stopping", signal=signal.Signals(signum).name)
             server.stop()
@@ -200,8 +201,7 @@ def cmd_image(args: argparse.Namespace) -> int:
             backing_format=args.backing_format,
         )
         print(
-            f"Formatting '{args.path}', fmt=qcow2 size={args.size} "
-            f"cluster_size={args.cluster_size}"
+            f"Formatting '{args.path}', fmt=qcow2 size={args.size} cluster_size={args.cluster_size}"
         )
         return 0
     if args.image_command == "info":
