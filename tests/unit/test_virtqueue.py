@@ -138,12 +138,12 @@ def test_parts_outside_memory_are_rejected(
         make_queue(mem, 8, desc, avail, used, event_idx=True)
 
 
-@pytest.mark.parametrize("kw", [{"next_avail_idx": 65536}, {"used_idx": -1}])
+@pytest.mark.parametrize(("next_avail", "used"), [(65536, 0), (-1, 0), (0, 65536), (0, -1)])
 def test_indices_must_be_u16(
-    make_queue: QueueFactory, mem: GuestMemory, kw: dict[str, int]
+    make_queue: QueueFactory, mem: GuestMemory, next_avail: int, used: int
 ) -> None:
     with pytest.raises(ValueError):
-        queue_for(make_queue, driver_for(mem), **kw)
+        queue_for(make_queue, driver_for(mem), next_avail_idx=next_avail, used_idx=used)
 
 
 def test_used_idx_none_reads_memory_then_keeps_a_shadow(
