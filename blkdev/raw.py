@@ -26,12 +26,12 @@ import structlog
 
 from blkdev.disk import SECTOR_SIZE
 from blkdev.errors import DiskIOError, ImageError
+from blkdev.fileio import preadv_full, pwritev_full
 from blkdev.image import check_size, lock_image, open_image_file
 from memory import BounceBuffer, IoBuffers
 
 log = structlog.get_logger(__name__)
 
-IOV_MAX: Final = 1024
 _BOUNCE_CHUNK: Final = 1 << 20
 
 # <linux/fs.h>
@@ -58,18 +58,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         err = ctypes.get_errno()
         if err != errno.EINTR:
             raise OSError(err, os.strerror(err))
-
-
-def _advance(vecs: list[memoryview], n: int) -> list[memoryview]:
-    """``vecs`` without its first ``n`` bytes."""
-    i = 0
-    while n and n >= len(vecs[i]):
-        n -= len(vecs[i])
-        i += 1
-    rest = vecs[i:]
-    if n:
-        rest[0] = rest[0][n:]
-    return rest
 
 
 class RawDisk:
@@ -303,28 +291,11 @@ class RawDisk:
                 self._closed = True
                 os.close(self._fd)
 
-    def _preadv_all(self, vecs: list[memoryview], offset: int) -> None:
-        while vecs:
-            try:
-                n = os.preadv(self._fd, vecs[:IOV_MAX], offset)
-            except OSError as e:
-                raise DiskIOError(f"read of {self._path} failed: {e.strerror}", e.errno) from e
-            if n == 0:
-                raise DiskIOError(f"{self._path} ended at {offset} (was it truncated?)", errno.EIO)
-            offset += n
-            vecs = _advance(vecs, n)
+    def _preadv_all(self, vecs: Sequence[memoryview], offset: int) -> None:
+        preadv_full(self._fd, vecs, offset, path=self._path, zeros_past_eof=False)
 
     def _pwritev_all(self, vecs: Sequence[memoryview], offset: int) -> None:
-        pending = list(vecs)
-        while pending:
-            try:
-                n = os.pwritev(self._fd, pending[:IOV_MAX], offset)
-            except OSError as e:
-                raise DiskIOError(f"write to {self._path} failed: {e.strerror}", e.errno) from e
-            if n == 0:
-                raise DiskIOError(f"write to {self._path} made no progress", errno.EIO)
-            offset += n
-            pending = _advance(pending, n)
+        pwritev_full(self._fd, vecs, offset, path=self._path)
 
     def _bounce_read(self, offset: int, buffers: IoBuffers) -> None:
         a = self._align

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Sequence
-from typing import Final
 
 from blkdev.errors import DiskIOError
-
-IOV_MAX: Final = 1024
-
-
-def _advance(vecs: list[memoryview], n: int) -> list[memoryview]:
-    i = 0
-    while n and n >= len(vecs[i]):
-        n -= len(vecs[i])
-        i += 1
-    rest = vecs[i:]
-    if n:
-        rest[0] = rest[0][n:]
-    return rest
+from blkdev.fileio import IOV_MAX, preadv_full, pwritev_full
 
 
 class ImageFile:
@@ -53,33 +39,13 @@ class ImageFile:
                     return
             except OSError as e:
                 raise DiskIOError(f"read of {self.path} failed: {e.strerror}", e.errno) from e
-        pending = [v for v in vecs if len(v)]
-        while pending:
-            try:
-                n = os.preadv(self.fd, pending[:IOV_MAX], offset)
-            except OSError as e:
-                raise DiskIOError(f"read of {self.path} failed: {e.strerror}", e.errno) from e
-            if n == 0:
-                for v in pending:
-                    v[:] = bytes(len(v))
-                return
-            offset += n
-            pending = _advance(pending, n)
+        preadv_full(self.fd, vecs, offset, path=self.path, zeros_past_eof=True)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.pwritev([memoryview(data)], offset)
 
     def pwritev(self, vecs: Sequence[memoryview], offset: int) -> None:
-        pending = [v for v in vecs if len(v)]
-        while pending:
-            try:
-                n = os.pwritev(self.fd, pending[:IOV_MAX], offset)
-            except OSError as e:
-                raise DiskIOError(f"write to {self.path} failed: {e.strerror}", e.errno) from e
-            if n == 0:
-                raise DiskIOError(f"write to {self.path} made no progress", errno.EIO)
-            offset += n
-            pending = _advance(pending, n)
+        pwritev_full(self.fd, vecs, offset, path=self.path)
 
     def sync(self) -> None:
         try:

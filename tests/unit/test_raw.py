@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blkdev.errors import DiskIOError, ImageError
+from blkdev.fileio import IOV_MAX
 from blkdev.image import open_disk, probe_format
-from blkdev.raw import IOV_MAX, RawDisk
+from blkdev.raw import RawDisk
 from memory import GuestMemory, request_buffers_from_buffers
 
 DISK_SIZE = 64 * 1024
