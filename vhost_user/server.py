@@ -18,7 +18,9 @@ Socket file: a stale socket left by a dead process is replaced; a socket someone
 on, or a path that is not a socket, raises :class:`FileExistsError` and nothing is touched.
 
 One front-end at a time: while a connection runs, another that connects is accepted and closed
-at once (logged), because two front-ends driving one disk would corrupt it. A front-end that
+at once (logged), because two front-ends driving one disk would corrupt it. So that a peer
+cannot hold that slot by connecting and saying nothing, a front-end that sends no message
+within ``message_timeout`` of connecting is dropped (QEMU speaks first, at once). A front-end that
 breaks the protocol is dropped with a warning and the server keeps listening; so is one that
 triggers a bug of ours (logged with its traceback). Nothing a front-end sends ends the process.
 """
@@ -31,6 +33,7 @@ import select
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -138,18 +141,34 @@ class Server:
             poller.register(stop, select.POLLIN)
         timeout = _EVENT_POLL_MS if isinstance(stop, threading.Event) else None
         conn_fd = -1
+        # A new front-end must start talking within message_timeout. QEMU sends GET_FEATURES
+        # as soon as it connects; a peer that connects and stays silent would otherwise hold
+        # the one front-end slot forever, and every later front-end would be refused.
+        first_deadline: float | None = None
         self.log.info("listening")
         try:
             while True:
                 if self._stopping.is_set() or (isinstance(stop, threading.Event) and stop.is_set()):
                     break
-                events = poller.poll(timeout)
+                wait = timeout
+                if first_deadline is not None:
+                    left = max(0, int((first_deadline - time.monotonic()) * 1000) + 1)
+                    wait = left if wait is None else min(wait, left)
+                events = poller.poll(wait)
                 if any(fd in (self._stop_fd, stop) for fd, _ in events):
                     break
                 ready = {fd for fd, _ev in events}
                 # The current connection first: if it has just hung up, a front-end that is
                 # reconnecting gets served instead of refused.
-                if conn_fd in ready and not self._serve_one():
+                if conn_fd in ready:
+                    first_deadline = None
+                    if not self._serve_one():
+                        poller.unregister(conn_fd)
+                        conn_fd = -1
+                        self._end_connection()
+                elif first_deadline is not None and time.monotonic() >= first_deadline:
+                    self.log.warning("front-end sent nothing after connecting: dropping it")
+                    first_deadline = None
                     poller.unregister(conn_fd)
                     conn_fd = -1
                     self._end_connection()
@@ -157,6 +176,8 @@ class Server:
                     assert self._connection is not None
                     conn_fd = self._connection.fileno()
                     poller.register(conn_fd, select.POLLIN)
+                    if self._message_timeout is not None:
+                        first_deadline = time.monotonic() + self._message_timeout
         finally:
             self._end_connection()
             self.close()
