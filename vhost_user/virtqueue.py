@@ -286,20 +286,28 @@ class SplitVirtqueue:
                 # §2.7.5.3: zero or more direct descriptors may precede one indirect one,
                 # which must end the direct chain and not sit inside a table.
                 if table is not self._desc:
-                    return _broken(head, descriptors, f"nested indirect descriptor at {index}")
+                    return _broken(
+                        head, descriptors, f"nested indirect descriptor at {index}", fault
+                    )
                 if flags & VIRTQ_DESC_F_NEXT:
-                    return _broken(head, descriptors, f"descriptor {index}: INDIRECT with NEXT")
+                    return _broken(
+                        head, descriptors, f"descriptor {index}: INDIRECT with NEXT", fault
+                    )
                 count, rem = divmod(length, 16)
                 if rem or not 0 < count <= self._indirect_limit:
                     return _broken(
                         head,
                         descriptors,
                         f"indirect table length {length} is not 16 * (1..{self._indirect_limit})",
+                        fault,
                     )
                 copied = self._read_table(addr, length)
                 if copied is None:
                     return _broken(
-                        head, descriptors, f"indirect table {addr:#x}+{length:#x} not in memory"
+                        head,
+                        descriptors,
+                        f"indirect table {addr:#x}+{length:#x} not in memory",
+                        fault,
                     )
                 # The WRITE flag of the descriptor naming the table is ignored (§2.7.5.3.2).
                 table, limit, index, visited = copied, count, 0, 0

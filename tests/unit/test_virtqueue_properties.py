@@ -33,7 +33,7 @@ MEM_SIZE = 0x10000  # small, so random addresses often land near the edge
 RING = 0x0
 TABLES = 0x4000  # indirect tables live in [TABLES, TABLES + 0x1000)
 SETTINGS = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
@@ -168,7 +168,7 @@ def descriptor(size: int) -> st.SearchStrategy[bytes]:
 def hostile_ring(draw: st.DrawFn) -> tuple[int, bytes, bytes, list[int], int]:
     size = draw(st.sampled_from([1, 2, 4, 8, 16]))
     table = b"".join(draw(st.lists(descriptor(size), min_size=size, max_size=size)))
-    indirect = b"".join(draw(st.lists(descriptor(64), min_size=0, max_size=64)))
+    indirect = b"".join(draw(st.lists(descriptor(32), min_size=0, max_size=32)))
     heads = draw(st.lists(st.integers(0, size + 2), min_size=1, max_size=size))
     start = draw(st.sampled_from([0, 1, 0xFFFF - len(heads) // 2, 0x7FFF]))
     return size, table, indirect, heads, start
@@ -274,7 +274,7 @@ def well_formed_chain(draw: st.DrawFn, size: int) -> tuple[list[tuple[int, int, 
     return [(gpa, ln, i >= readable) for i, (gpa, ln) in enumerate(bufs)], indirect
 
 
-@settings(SETTINGS, max_examples=100)
+@settings(SETTINGS, max_examples=60)
 @given(data=st.data(), size=st.sampled_from([4, 8, 16]), start=st.integers(0, 0xFFFF))
 def test_round_trip(
     make_queue: QueueFactory, mem: GuestMemory, data: st.DataObject, size: int, start: int
@@ -311,7 +311,7 @@ def test_round_trip(
     assert q.used_idx == q.next_avail_idx == drv.avail_idx
 
 
-@settings(SETTINGS, max_examples=200)
+@settings(SETTINGS, max_examples=150)
 @given(
     data=st.data(),
     size=st.sampled_from([2, 8, 16]),
