@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import structlog
 
-from blkdev.errors import BlkdevError, ImageError
+from blkdev.errors import BlkdevError
 from blkdev.logging_setup import LOG_LEVELS, configure_logging
 
 EXIT_USAGE = 2
@@ -129,6 +129,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _check_socket_path(path: str) -> None:
+    if len(os.fsencode(path)) >= 108:
+        raise UsageError(f"socket path {path} is longer than Unix sockets allow (107 bytes)")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"socket folder {parent} does not exist: create it or choose another path")
@@ -138,8 +140,6 @@ def _check_socket_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise UsageError(f"{path} exists and is not a socket: remove it or choose another path")
-    if len(os.fsencode(path)) >= 108:
-        raise UsageError(f"socket path {path} is longer than Unix sockets allow (107 bytes)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -149,8 +149,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if len(args.serial.encode()) > 20:
         raise UsageError("--serial must be at most 20 bytes (virtio-blk GET_ID)")
-    if len(os.fsencode(args.socket)) >= 108:
-        raise UsageError(f"socket path {args.socket} is longer than Unix sockets allow (107 bytes)")
     _check_socket_path(args.socket)
 
     log = structlog.get_logger("vhost-user-blk")
@@ -233,11 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(args)
         return cmd_image(args)
-    except UsageError as exc:
-        _fail(str(exc))
-    except ImageError as exc:
-        _fail(str(exc))
-    except BlkdevError as exc:
+    except (UsageError, BlkdevError) as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))

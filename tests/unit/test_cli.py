@@ -102,6 +102,12 @@ def test_socket_folder_missing(tmp_path: Path) -> None:
     assert_usage_error(result, "does not exist")
 
 
+def test_socket_path_too_long(tmp_path: Path) -> None:
+    image = make_raw(tmp_path / "d.raw")
+    result = run_cli("serve", "--socket", str(tmp_path / ("s" * 120)), "--image", str(image))
+    assert_usage_error(result, "longer than Unix sockets allow")
+
+
 def test_serial_too_long(tmp_path: Path) -> None:
     image = make_raw(tmp_path / "d.raw")
     result = run_cli(
