@@ -191,6 +191,11 @@ def cmd_image(args: argparse.Namespace) -> int:
             raise UsageError("--backing-format needs --backing-file")
         if os.path.exists(args.path):
             raise UsageError(f"{args.path} exists: remove it first or choose another name")
+        if args.backing_file is not None:
+            # Relative backing names are resolved against the new image's folder, as on open.
+            backing = os.path.join(os.path.dirname(os.path.abspath(args.path)), args.backing_file)
+            if not os.path.isfile(backing):
+                raise UsageError(f"backing file {backing} does not exist")
         qcow.create_image(
             args.path,
             args.size,

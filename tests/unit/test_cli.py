@@ -225,6 +225,24 @@ def test_image_check_reports_a_leak_with_exit_3(tmp_path: Path) -> None:
     assert "leaked" in result.stdout
 
 
+def test_image_create_needs_an_existing_named_backing_file(tmp_path: Path) -> None:
+    missing = run_cli(
+        "image", "create", str(tmp_path / "o.qcow2"), "1G", "-b", "nope.qcow2", "-F", "qcow2"
+    )
+    assert_usage_error(missing, "does not exist")
+    base = tmp_path / "base.raw"
+    make_raw(base)
+    unnamed = run_cli("image", "create", str(tmp_path / "o.qcow2"), "1G", "-b", "base.raw")
+    assert_usage_error(unnamed, "--backing-format")
+    assert not (tmp_path / "o.qcow2").exists()
+    made = run_cli(
+        "image", "create", str(tmp_path / "o.qcow2"), "1G", "-b", "base.raw", "-F", "raw"
+    )
+    assert made.returncode == 0, made.stderr
+    info = json.loads(run_cli("image", "info", str(tmp_path / "o.qcow2")).stdout)
+    assert info["full-backing-filename"] == str(base)
+
+
 def test_image_create_refuses_to_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "exists.qcow2"
     path.write_bytes(b"precious")
