@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Final, Protocol
 
 import structlog
@@ -31,6 +32,9 @@ from blkdev.qcow.alloc import PendingFree, Refcounts
 from blkdev.qcow.compress import decompress_cluster
 from blkdev.qcow.fileio import ImageFile
 from blkdev.qcow.header import (
+    AUTOCLEAR_BITMAPS,
+    BITMAP_DIR_ENTRY,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -44,6 +48,7 @@ from blkdev.qcow.header import (
     U64,
     QcowHeader,
     check_supported,
+    extensions_without,
     parse_header,
 )
 from blkdev.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -58,6 +63,8 @@ _DIRTY_LIMIT: Final = 16 << 20
 _L2_CACHE_LIMIT: Final = 64 << 20
 _PENDING_FREE_LIMIT: Final = 4096
 _PLAIN_MAP_LIMIT: Final = 1 << 20
+#: Bitmap directories and tables above this are not walked (their clusters then leak).
+_BITMAP_DIR_LIMIT: Final = 64 << 20
 _DECOMPRESSED_CACHE: Final = 8
 _ZEROS: Final = bytes(1 << MAX_CLUSTER_BITS)
 _REFT_FIELDS: Final = struct.Struct(">QI")
@@ -249,11 +256,64 @@ class QcowDisk:
             if off:
                 refs.meta.add(off >> self._bits)
         self._refs = refs
-        if h.autoclear_features:
-            # Autoclear bits (e.g. persistent bitmaps) describe data we will not keep in step;
-            # qcow2.txt: a writer that does not know them clears them.
-            self._f.pwrite(OFF_AUTOCLEAR_FEATURES, U64.pack(0))
+        if h.autoclear_features or h.bitmaps is not None:
+            self._drop_bitmaps(refs)
+
+    def _drop_bitmaps(self, refs: Refcounts) -> None:
+        """Persistent bitmaps would go stale under our writes. qcow2.txt: a writer that does
+        not know an autoclear bit clears it; then the bitmaps are ignored (their clusters
+        leak), so we also drop the extension and free the clusters, in that order."""
+        h = self._h
+        owned = self._bitmap_clusters(refs) if h.autoclear_features & AUTOCLEAR_BITMAPS else []
+        self._f.pwrite(OFF_AUTOCLEAR_FEATURES, U64.pack(0))
+        self._f.sync()
+        types = h.extension_types
+        if EXT_BITMAPS in types:
+            first = self._f.pread(0, min(self._file_size, self._cs))
+            self._f.pwrite(h.header_length, extensions_without(first, h, EXT_BITMAPS))
             self._f.sync()
+            types = tuple(t for t in types if t != EXT_BITMAPS)
+        self._h = replace(h, autoclear_features=0, bitmaps=None, extension_types=types)
+        # Decremented at the next writeback, like every other dropped reference.
+        self._pending_free += [PendingFree(self._io_seq, c << self._bits, self._cs) for c in owned]
+
+    def _bitmap_clusters(self, refs: Refcounts) -> list[int]:
+        """The clusters the bitmap directory, tables and data occupy; empty (they leak)
+        unless every one is a counted, non-metadata cluster of the file named once."""
+        h = self._h
+        if h.bitmaps is None:
+            return []
+        nb, dir_size, dir_offset = h.bitmaps
+        out: list[int] = []
+
+        def add(offset: int, length: int) -> bool:
+            if not length or offset % self._cs or offset + length > self._file_size:
+                return False
+            out.extend(range(offset >> self._bits, ((offset + length - 1) >> self._bits) + 1))
+            # Each cluster may be named once, so a longer list is already invalid.
+            return len(out) <= self._file_size >> self._bits
+
+        if dir_size > _BITMAP_DIR_LIMIT or not add(dir_offset, dir_size):
+            return []
+        directory = self._f.pread(dir_offset, dir_size)
+        pos = 0
+        for _ in range(nb):
+            if pos + BITMAP_DIR_ENTRY.size > len(directory):
+                return []
+            table_offset, table_size, _, _, _, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(
+                directory, pos
+            )
+            pos += BITMAP_DIR_ENTRY.size + extra + name_size
+            pos += -pos % 8
+            if table_size * 8 > _BITMAP_DIR_LIMIT or not add(table_offset, table_size * 8):
+                return []
+            table = self._f.pread(table_offset, table_size * 8)
+            for (e,) in struct.iter_unpack(">Q", table):
+                if e & L2E_OFFSET_MASK and not add(e & L2E_OFFSET_MASK, self._cs):
+                    return []
+        if len(set(out)) != len(out) or any(c in refs.meta or not refs.get(c) for c in out):
+            return []
+        return out
 
     # ----------------------------------------------------------------- properties
 

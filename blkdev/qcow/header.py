@@ -282,6 +282,28 @@ def parse_header(data: bytes, file_size: int, path: str = "image") -> QcowHeader
     )
 
 
+def extensions_without(data: bytes, h: QcowHeader, ext_type: int) -> bytes:
+    """The header extension area of ``data`` (the image's first cluster, as parsed into
+    ``h``) with every extension of ``ext_type`` removed, zero padded to the length of the
+    area it replaces; it is written back at ``h.header_length``."""
+    end = h.backing_file_offset if h.backing_file_offset else h.cluster_size
+    end = min(end, h.cluster_size, len(data))
+    kept: list[bytes] = []
+    pos = h.header_length
+    while pos + EXTENSION.size <= end:
+        ext_type_here, ext_len = EXTENSION.unpack_from(data, pos)
+        start = pos
+        pos += EXTENSION.size
+        if ext_type_here == EXT_END:
+            break
+        pos = min(end, pos + ((ext_len + 7) & ~7))
+        if ext_type_here != ext_type:
+            kept.append(data[start:pos])
+    new = b"".join(kept) + EXTENSION.pack(EXT_END, 0)
+    old_len = pos - h.header_length
+    return new + bytes(max(0, old_len - len(new)))
+
+
 def _decode(raw: bytes) -> str:
     return os.fsdecode(raw.split(b"\0", 1)[0])
 

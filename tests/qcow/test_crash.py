@@ -68,10 +68,19 @@ def test_kill9_leaves_consistent_image(tmp_path: Path, backing: bool) -> None:
             cwd=ROOT,
             env=env,
         )
-        time.sleep(0.4 + rnd.random() * 0.6)
+        # Kill at a random point of the workload, not of Python's start-up: on a loaded host
+        # the interpreter alone can take longer than any fixed sleep.
+        assert proc.stdout is not None
+        started = b""
+        while not started.endswith(b"BEGIN 5\n"):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            started += line
+        time.sleep(rnd.random() * 0.6)
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
-        events = [line.split() for line in out.decode().splitlines()]
+        events = [line.split() for line in (started + out).decode().splitlines()]
         flushed = max((int(e[1]) for e in events if e[0] == "FLUSHED"), default=-1)
         begun = max((int(e[1]) for e in events if e[0] == "BEGIN"), default=-1)
         assert begun > 5, f"round {round_}: the worker barely started ({events[-4:]})"

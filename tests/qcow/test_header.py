@@ -95,7 +95,7 @@ def test_encryption_refused(tmp_path: Path) -> None:
         "-f",
         "qcow2",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100",
         img,
         "1M",
     )
@@ -177,7 +177,8 @@ def test_bitmaps_autoclear_cleared_when_writable(tmp_path: Path) -> None:
         f.seek(OFF_AUTOCLEAR_FEATURES)
         assert struct.unpack(">Q", f.read(8))[0] == 0
     report = qemu_img("check", img, check=False)
-    assert report.returncode in (0, 3), report.stdout  # the bitmap's clusters may now leak
+    # The bitmaps are dropped and their clusters freed, not leaked.
+    assert report.returncode == 0, report.stdout
 
 
 # --- hostile bytes -----------------------------------------------------------------------
