@@ -107,9 +107,9 @@ def _validate(regions: Sequence[MemoryRegion]) -> list[int]:
     for r in regions:
         try:
             st = os.fstat(r.fd)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise GuestMemoryError(
-                f"region fd {r.fd}: {exc.strerror}",
+                f"region fd {r.fd}: {getattr(exc, 'strerror', None) or exc}",
                 GuestMemoryErrorKind.MAP_FAILED,
                 r.guest_phys_addr,
             ) from None
@@ -285,7 +285,12 @@ class GuestMemory:
 
     def write_at(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``gpa``, which must lie inside one region with it."""
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if isinstance(data, memoryview):
+            n = data.nbytes
+            if not data.c_contiguous:
+                data = data.tobytes()
+        else:
+            n = len(data)
         if n == 0:
             return
         e, off = self._find(gpa, n)

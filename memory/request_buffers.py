@@ -400,7 +400,10 @@ class MultiRequestBuffers:
     def is_aligned(self, alignment: int) -> bool:
         """Whether every non-empty part is aligned (see ``RequestBuffers.is_aligned``)."""
         mask = _check_alignment(alignment)
-        return all(((r._start | (r._end - r._start) | PAGE_SIZE) & mask) == 0 for r in self._parts)
+        # PAGE_SIZE in the mask test: above a page nothing is aligned, with or without parts.
+        return (PAGE_SIZE & mask) == 0 and all(
+            ((r._start | (r._end - r._start)) & mask) == 0 for r in self._parts
+        )
 
     def reader(self) -> MemoryReader:
         return MemoryReader(self._mem, self._parts, self._cum, self._len)

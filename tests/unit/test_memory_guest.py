@@ -228,6 +228,15 @@ def test_non_file_fds_rejected() -> None:
     with pytest.raises(GuestMemoryError) as info:
         GuestMemory.from_regions([MemoryRegion(0, 0x1000, 0, 0, closed)])
     assert info.value.kind is GuestMemoryErrorKind.MAP_FAILED
+    with pytest.raises(GuestMemoryError) as info:  # no such fd, and too large for a C int
+        GuestMemory.from_regions([MemoryRegion(0, 0x1000, 0, 0, 2**40)])
+    assert info.value.kind is GuestMemoryErrorKind.MAP_FAILED
+
+
+def test_write_at_takes_a_strided_view() -> None:
+    with GuestMemory.allocate(0x1000) as mem:
+        mem.write_at(0x10, memoryview(bytearray(b"abcdefgh"))[::2])
+        assert mem.read_at(0x10, 5) == b"aceg\0"
 
 
 def test_failed_map_leaves_nothing_mapped() -> None:

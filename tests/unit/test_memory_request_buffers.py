@@ -270,6 +270,10 @@ def test_request_buffers_from_buffers_picks_the_type(lay: Layout) -> None:
         assert [len(v) for v in locked.io_vecs()] == [0x10, 0x1000]
     empty = request_buffers_from_buffers(lay.mem, [], False)
     assert isinstance(empty, RequestBuffers) and empty.is_empty()
+    # Above a page nothing is aligned, whatever the type and even with no parts.
+    no_parts = MultiRequestBuffers(lay.mem, [], True)
+    assert no_parts.is_aligned(4096) and not no_parts.is_aligned(8192)
+    assert not empty.is_aligned(8192)
 
 
 def io_buffers_protocol_check(b: IoBuffers) -> int:
