@@ -179,10 +179,12 @@ class BlkDevice:
             log.debug(
                 "guest fault in chain", queue=queue_index, head=chain.head, fault=str(chain.fault)
             )
-            # Only a complete chain's last descriptor is known to be the status buffer.
-            last = chain.descriptors[-1] if chain.complete and chain.descriptors else None
-            if last is not None and last.device_writable and last.length >= 1:
-                self._write_status(memory, last.gpa + last.length - 1, vb.VIRTIO_BLK_S_IOERR)
+            # Only a complete chain's last descriptor is known to be the status buffer (the
+            # last non-empty one, as split_chain sees it: a zero-length tail is the fault).
+            if chain.complete:
+                status = vb.split_chain(chain.descriptors).status
+                if status is not None:
+                    self._write_status(memory, status, vb.VIRTIO_BLK_S_IOERR)
             return 0
         layout = vb.split_chain(chain.descriptors)
         if layout.status is None:
@@ -239,7 +241,19 @@ class BlkDevice:
 
     @staticmethod
     def _read(memory: GuestMemory, segments: tuple[vb.Segment, ...]) -> bytes:
-        return b"".join(memory.read_at(gpa, n) for gpa, n in segments)
+        try:
+            return b"".join(memory.read_at(gpa, n) for gpa, n in segments)
+        except GuestMemoryError:
+            # A buffer may run from one region into the next (guest-contiguous, separate
+            # mappings): the paged path handles that, and faults on a real hole.
+            buffers = request_buffers_from_buffers(memory, list(segments), False)
+            return buffers.reader().read(len(buffers))
+
+    @staticmethod
+    def _write(memory: GuestMemory, segments: tuple[vb.Segment, ...], data: bytes) -> None:
+        """Write ``data`` over ``segments`` (which hold at least that many bytes)."""
+        buffers = request_buffers_from_buffers(memory, list(segments), True)
+        buffers.writer().write(data[: len(buffers)])
 
     def _serve(self, memory: GuestMemory, layout: vb.ChainLayout) -> tuple[int, int]:
         """Execute one request: (status, data bytes written to guest memory)."""
@@ -267,10 +281,7 @@ class BlkDevice:
                     self._disk.flush()
                 return vb.VIRTIO_BLK_S_OK, 0
             if isinstance(plan, vb.GetId):
-                pos = 0
-                for gpa, n in plan.segments:
-                    memory.write_at(gpa, self._id[pos : pos + n])
-                    pos += n
+                self._write(memory, plan.segments, self._id[: plan.length])
                 return vb.VIRTIO_BLK_S_OK, plan.length
             ranges = vb.decode_segments(plan.type, self._read(memory, plan.segments), limits)
             if isinstance(ranges, vb.Fail):

@@ -55,11 +55,24 @@ BACKEND_REPLY_TIMEOUT = 5.0
 _connection_ids = itertools.count(1)
 
 
-def _is_eventfd(fd: int) -> bool:
+def _take_eventfd(fd: int, what: str) -> int:
+    """Check that ``fd`` is an eventfd and make it non-blocking; returns it.
+
+    The front-end may hand over a blocking eventfd, and one whose counter it has filled to the
+    maximum: a write to it (a call) then blocks, and so does a read of a kick another queue's
+    worker drained first. Either would wedge a worker, and with it the connection's teardown.
+    O_NONBLOCK turns both into EAGAIN: a full call counter already has a notification pending,
+    an empty kick counter has nothing to drain. (The flag is on the open file description the
+    front-end shares; QEMU creates its eventfds non-blocking anyway.)
+    """
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        is_eventfd = os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
     except OSError:
-        return False
+        is_eventfd = False
+    if not is_eventfd:
+        raise FrontendProtocolError(f"{what}: fd is not an eventfd")
+    os.set_blocking(fd, False)
+    return fd
 
 
 def ring_lengths(num: int) -> tuple[int, int, int]:
@@ -134,7 +147,14 @@ class Connection:
 
     def handle_message(self) -> None:
         """Receive and handle one request; raises ConnectionClosed or FrontendProtocolError."""
-        msg = self.transport.receive()
+        header, payload, fds = self.transport.receive_raw()
+        try:
+            msg = codec.parse_request(header, payload, fds)
+        except FrontendProtocolError:
+            close_fds(fds)
+            # The header is sound, so the front-end can still be told this request failed.
+            self._reply_malformed(header)
+            raise
         code = codec.request_code(msg)
         self.log.debug("request", message=type(msg).__name__, need_reply=msg.need_reply)
         self._kept = set()
@@ -167,7 +187,22 @@ class Connection:
                 self.transport.send_reply(codec.ConfigReply(0, b""))
             elif self._ack_wanted(msg, code):
                 self.transport.send_reply(codec.U64Reply(code, 1))
-        except (ConnectionClosed, OSError):
+        except (ConnectionClosed, FrontendProtocolError, OSError):
+            pass
+
+    def _reply_malformed(self, header: codec.Header) -> None:
+        if header.is_reply:
+            return
+        try:
+            if header.request == codec.Request.GET_CONFIG:
+                self.transport.send_reply(codec.ConfigReply(0, b""))
+            elif (
+                header.need_reply
+                and self.protocol_features & PF.REPLY_ACK
+                and header.request not in codec.NATURAL_REPLIES
+            ):
+                self.transport.send_reply(codec.U64Reply(header.request, 1))
+        except (ConnectionClosed, FrontendProtocolError, OSError):
             pass
 
     def _keep(self, fd: int) -> int:
@@ -232,8 +267,8 @@ class Connection:
                 self._set_vring_call(self._ring(index), fd)
             case codec.SetVringErr(index=index, fd=fd):
                 ring = self._ring(index)
-                if fd is not None and not _is_eventfd(fd):
-                    raise FrontendProtocolError("SET_VRING_ERR: fd is not an eventfd")
+                if fd is not None:
+                    _take_eventfd(fd, "SET_VRING_ERR")
                 old, ring.err_fd = ring.err_fd, None if fd is None else self._keep(fd)
                 close_fds([] if old is None else [old])
             case codec.SetVringEnable(index=index, enable=enable):
@@ -516,16 +551,15 @@ class Connection:
     def _set_vring_kick(self, ring: _Ring, fd: int | None) -> None:
         if fd is None:
             raise FrontendProtocolError("SET_VRING_KICK: polling mode (no fd) is not supported")
-        if not _is_eventfd(fd):
-            raise FrontendProtocolError("SET_VRING_KICK: fd is not an eventfd")
+        _take_eventfd(fd, "SET_VRING_KICK")
         self._pause(ring)
         old, ring.kick_fd = ring.kick_fd, self._keep(fd)
         close_fds([] if old is None else [old])
         self._reconfigure(ring)
 
     def _set_vring_call(self, ring: _Ring, fd: int | None) -> None:
-        if fd is not None and not _is_eventfd(fd):
-            raise FrontendProtocolError("SET_VRING_CALL: fd is not an eventfd")
+        if fd is not None:
+            _take_eventfd(fd, "SET_VRING_CALL")
         new = None if fd is None else self._keep(fd)
         old = ring.call_fd
         ring.call_fd = new
@@ -534,7 +568,10 @@ class Connection:
             # A completion may have been signalled on the old fd after the front-end stopped
             # listening to it; a spurious interrupt is harmless, a lost one hangs the guest.
             if new is not None:
-                os.eventfd_write(new, 1)
+                try:
+                    os.eventfd_write(new, 1)
+                except BlockingIOError:
+                    pass  # counter full: a notification is pending already
         close_fds([] if old is None else [old])
 
     # -- teardown ------------------------------------------------------------------------------

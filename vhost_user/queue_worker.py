@@ -53,6 +53,7 @@ class QueueWorker:
         self.kick_fd = kick_fd
         self._call_fd = call_fd
         self._call_lock = threading.Lock()
+        self._call_failed = False
         self._stopping = threading.Event()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.broken = False
@@ -120,7 +121,8 @@ class QueueWorker:
         self.log.debug("queue worker stopped", broken=self.broken)
 
     def _drain_kick(self) -> None:
-        # The connection checked that the kick fd is an eventfd: one read resets its counter.
+        # The connection checked that the kick fd is an eventfd and made it non-blocking: one
+        # read resets its counter, and EAGAIN means another queue sharing the fd drained it.
         try:
             os.read(self.kick_fd, 8)
         except BlockingIOError:
@@ -172,5 +174,9 @@ class QueueWorker:
                 return
             try:
                 os.eventfd_write(self._call_fd, 1)
+            except BlockingIOError:
+                pass  # the counter is full: the driver has a notification pending already
             except OSError as exc:
-                self.log.warning("cannot signal the call fd", error=str(exc))
+                if not self._call_failed:  # once per worker: a front-end can make it repeat
+                    self._call_failed = True
+                    self.log.warning("cannot signal the call fd", error=str(exc))

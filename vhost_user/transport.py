@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 
 from vhost_user import codec
@@ -51,6 +52,7 @@ class Transport:
         byte arrived, so a peer that stops mid-message cannot wedge the caller."""
         self.sock = sock
         self.message_timeout = message_timeout
+        self._deadline: float | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -64,6 +66,13 @@ class Transport:
         chunks: list[bytes] = []
         got = 0
         while got < n:
+            if self._deadline is not None:
+                # One deadline for the whole message, not a timeout per recv: a peer that
+                # trickles a byte every few seconds must not hold the caller for hours.
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    raise FrontendProtocolError("front-end stalled in the middle of a message")
+                self.sock.settimeout(remaining)
             try:
                 data, ancdata, msg_flags, _addr = self.sock.recvmsg(
                     n - got, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
@@ -87,8 +96,8 @@ class Transport:
                 if first and got == 0:
                     raise ConnectionClosed("front-end closed the connection")
                 raise FrontendProtocolError("connection closed in the middle of a message")
-            if first and got == 0:
-                self.sock.settimeout(self.message_timeout)
+            if first and got == 0 and self.message_timeout is not None:
+                self._deadline = time.monotonic() + self.message_timeout
             chunks.append(data)
             got += len(data)
         return b"".join(chunks)
@@ -97,6 +106,7 @@ class Transport:
         """One framed message: checked header, payload, fds (now the caller's)."""
         fds: list[int] = []
         timeout = self.sock.gettimeout()
+        self._deadline = None
         try:
             header = codec.parse_header(self._recv_exact(codec.HEADER.size, fds, first=True))
             payload = self._recv_exact(header.size, fds, first=False) if header.size else b""
@@ -104,6 +114,7 @@ class Transport:
             close_fds(fds)
             raise
         finally:
+            self._deadline = None
             self.sock.settimeout(timeout)
         return header, payload, tuple(fds)
 

@@ -17,16 +17,23 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.protocol.frontend import Frontend, FrontendMemory, MiB, ring_layout
+from tests.protocol.frontend import Frontend, FrontendMemory, MiB, RegionSpec, ring_layout
 from tests.protocol.hostile import HOSTILE, hostile
 from tests.protocol.serve_process import (
     BIG_AREA,
+    DWZ_SEG,
     SECTOR,
+    SERIAL,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
     BlkSession,
     ServeProcess,
 )
+from tests.support.driver_ring import VIRTQ_DESC_F_NEXT as NEXT
+from tests.support.driver_ring import VIRTQ_DESC_F_WRITE as WRITE
 from vhost_user import codec
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
 
@@ -551,3 +558,179 @@ def test_odd_requests_on_a_running_device(srv: ServeProcess, case: str) -> None:
             s.fe.get_features()  # still talking?
         except (ConnectionClosed, FrontendProtocolError, OSError):
             return
+
+
+# -- eventfds the front-end made to block ------------------------------------------------------
+
+
+def _full_blocking_eventfd() -> int:
+    """A blocking eventfd whose counter is at its maximum: a write to it would block."""
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    os.eventfd_write(fd, 0xFFFF_FFFF_FFFF_FFFE)
+    return fd
+
+
+def _read_request(s: BlkSession, q: int) -> int:
+    gpa = s.area(q)
+    s.header(gpa, VIRTIO_BLK_T_IN, 8)
+    return s.rings[q].add_chain(
+        [(gpa, 16, False), (gpa + 0x200, SECTOR, True), (s.status_at(gpa + 0x400), 1, True)]
+    )
+
+
+@pytest.mark.parametrize("when", ["before the ring starts", "while the ring runs"])
+def test_call_eventfd_that_would_block(srv: ServeProcess, when: str) -> None:
+    """Signalling a full, blocking call fd must neither wedge the worker (then the
+    connection's teardown, then the whole server) nor the connection thread."""
+    bad = _full_blocking_eventfd()
+    try:
+        with BlkSession.open(srv.socket, queues=(0,)) as s:
+            if when == "before the ring starts":
+                s.fe.call(codec.SetVringEnable(0, False))
+                s.fe.call(codec.SetVringCall(0, bad))
+                s.fe.call(codec.SetVringEnable(0, True))
+            else:
+                s.fe.call(codec.SetVringCall(0, bad))  # the server signals the new fd at once
+            head = _read_request(s, 0)
+            s.kick(0)
+            deadline = time.monotonic() + 15
+            while not (used := s.rings[0].used_entries()):
+                assert time.monotonic() < deadline, "request never completed"
+                time.sleep(0.05)
+            assert used == [(head, SECTOR + 1)]
+    finally:
+        os.close(bad)
+
+
+def test_kick_eventfd_shared_by_two_queues_and_blocking(srv: ServeProcess) -> None:
+    """Both workers may wake on one kick; the one that reads second must not block (which
+    would wedge it, and the connection's teardown with it). Which queue a shared kick
+    serves is the front-end's problem; once it gives each queue its own fd, both run."""
+    kick = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        with BlkSession.open(srv.socket, queues=(0, 1)) as s:
+            for q in (0, 1):
+                s.fe.call(codec.SetVringKick(q, kick))
+            for _ in range(30):
+                os.eventfd_write(kick, 1)
+                time.sleep(0.02)
+            heads = [_read_request(s, q) for q in (0, 1)]
+            for q in (0, 1):  # a restarted ring looks at its ring at once
+                own = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                try:
+                    s.fe.call(codec.SetVringKick(q, own))
+                finally:
+                    os.close(own)
+            for q, head in zip((0, 1), heads, strict=True):
+                assert s.wait_used(q) == [(head, SECTOR + 1)]
+    finally:
+        os.close(kick)
+
+
+def test_frontend_trickling_one_message_is_dropped(srv: ServeProcess) -> None:
+    """The message timeout bounds the whole message, not each recv: a byte every second
+    must not keep the single-threaded server reading one message for hours."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(srv.socket)
+    try:
+        sock.sendall(_header(codec.Request.SET_FEATURES, 4096))
+        t0 = time.monotonic()
+        sock.settimeout(1.0)
+        while time.monotonic() - t0 < 30:
+            try:
+                sock.send(b"\0")
+                if sock.recv(4096) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        else:
+            pytest.fail("the server kept reading a trickled message for 30 s")
+        assert time.monotonic() - t0 < 15
+    finally:
+        sock.close()
+    assert "stalled in the middle of a message" in srv.new_log()
+
+
+MALFORMED_WITH_NEED_REPLY = {
+    "SET_VRING_NUM with 12 payload bytes": (codec.Request.SET_VRING_NUM, bytes(12)),
+    "SET_FEATURES with 4 payload bytes": (codec.Request.SET_FEATURES, bytes(4)),
+    "SET_VRING_ENABLE state 2": (codec.Request.SET_VRING_ENABLE, codec.VRING_STATE.pack(0, 2)),
+    "SET_MEM_TABLE claiming 9 regions": (
+        codec.Request.SET_MEM_TABLE,
+        codec.MEMORY_TABLE_HEADER.pack(9, 0),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "case", list(MALFORMED_WITH_NEED_REPLY), ids=list(MALFORMED_WITH_NEED_REPLY)
+)
+def test_malformed_payload_gets_a_failure_ack(srv: ServeProcess, case: str) -> None:
+    request, payload = MALFORMED_WITH_NEED_REPLY[case]
+    fe, memory = connected(srv.socket)
+    try:
+        fe.handshake()
+        assert fe.reply_ack
+        flags = codec.VERSION | codec.FLAG_NEED_REPLY
+        fe.send_raw(_header(request, len(payload), flags) + payload)
+        reply = fe.transport.receive_reply(request)
+        assert reply == codec.U64Reply(request, 1)
+        assert_dropped(fe.transport.sock)
+    finally:
+        fe.close()
+        memory.close()
+
+
+# -- buffers that cross from one region into the next --------------------------------------------
+
+ADJACENT = (
+    RegionSpec(0, MiB, 0x7F00_0000_0000),
+    RegionSpec(MiB, MiB, 0x7F20_0000_0000, mmap_offset=0x3000),
+    RegionSpec(2 * MiB, 2 * MiB, 0x7F10_0000_0000),
+)
+"""Guest RAM split into regions at guest-contiguous boundaries (QEMU does this): a buffer may
+run from one into the next."""
+
+
+def test_request_parts_across_adjacent_regions(srv: ServeProcess) -> None:
+    edge = MiB
+    with BlkSession.open(srv.socket, queues=(0,), layout=ADJACENT) as s:
+        ring = s.rings[0]
+
+        def run(bufs: list[tuple[int, int, bool]]) -> tuple[int, int]:
+            head = ring.add_chain(bufs)
+            s.kick(0)
+            used = s.wait_used(0)
+            assert [h for h, _ in used] == [head]
+            return used[0][1], s.get(bufs[-1][0], 1)[0]
+
+        s.header(edge - 8, VIRTIO_BLK_T_IN, 8)  # the header itself straddles
+        data = (0x3000, SECTOR, True)
+        assert run([(edge - 8, 16, False), data, (s.status_at(0x4000), 1, True)]) == (513, 0)
+        assert s.get(0x3000, SECTOR) == srv.shadow.data[8 * SECTOR : 9 * SECTOR]
+
+        s.header(0x2000, VIRTIO_BLK_T_GET_ID, 0)
+        s.put(edge - 10, b"\xee" * 20)
+        status = s.status_at(0x4000)
+        assert run([(0x2000, 16, False), (edge - 10, 20, True), (status, 1, True)]) == (21, 0)
+        assert s.get(edge - 10, 20) == SERIAL.encode().ljust(20, b"\0")
+
+        s.header(0x2000, VIRTIO_BLK_T_WRITE_ZEROES, 0)
+        s.put(edge - 8, DWZ_SEG.pack(100, 8, 0))
+        status = s.status_at(0x4000)
+        assert run([(0x2000, 16, False), (edge - 8, 16, False), (status, 1, True)]) == (1, 0)
+        srv.shadow.write(100 * SECTOR, bytes(8 * SECTOR))
+
+
+def test_faulty_chain_with_an_empty_tail_still_gets_ioerr(srv: ServeProcess) -> None:
+    with BlkSession.open(srv.socket, queues=(0,)) as s:
+        a = s.area(0)
+        s.header(a, VIRTIO_BLK_T_IN, 0)
+        status = s.status_at(a + 0x100)
+        s.desc(0, 0, a, 16, NEXT, 1)
+        s.desc(0, 1, status, 1, WRITE | NEXT, 2)
+        s.desc(0, 2, a + 0x800, 0, WRITE, 0)  # zero length: the walker's fault
+        assert s.raw(0, 0) == (0, 0)
+        assert s.get(status, 1)[0] == VIRTIO_BLK_S_IOERR
