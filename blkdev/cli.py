@@ -63,8 +63,15 @@ def _queue_size(text: str) -> int:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, where to read more), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog=PROG, description="A vhost-user-blk backend: serves a raw or qcow2 image to QEMU."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -170,8 +177,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         server = Server(args.socket, device)
 
+        received: list[int] = []
+
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("stopping", signal=signal.Signals(signum).name)
+            # Nothing but async-signal-safe work here. The handler runs in the main thread
+            # between two bytecodes, possibly inside structlog's write, which holds a
+            # non-reentrant lock: logging from here could deadlock the process.
+            received.append(signum)
             server.stop()
 
         signal.signal(signal.SIGTERM, on_signal)
@@ -179,6 +191,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.serve_forever()
     finally:
         disk.close()
+    if received:
+        log.info("stopped by signal", signal=signal.Signals(received[0]).name)
     log.info("stopped: in-flight requests finished, image flushed and closed")
     return 0
 
@@ -196,13 +210,16 @@ def cmd_image(args: argparse.Namespace) -> int:
             backing = os.path.join(os.path.dirname(os.path.abspath(args.path)), args.backing_file)
             if not os.path.isfile(backing):
                 raise UsageError(f"backing file {backing} does not exist")
-        qcow.create_image(
-            args.path,
-            args.size,
-            cluster_size=args.cluster_size,
-            backing_file=args.backing_file,
-            backing_format=args.backing_format,
-        )
+        try:
+            qcow.create_image(
+                args.path,
+                args.size,
+                cluster_size=args.cluster_size,
+                backing_file=args.backing_file,
+                backing_format=args.backing_format,
+            )
+        except ValueError as exc:  # a parameter qcow2 cannot represent
+            raise UsageError(f"cannot create {args.path}: {exc}") from None
         print(
             f"Formatting '{args.path}', fmt=qcow2 size={args.size} cluster_size={args.cluster_size}"
         )
