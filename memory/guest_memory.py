@@ -15,12 +15,14 @@ ring keeps across a memory-table change.
 
 Validation stops a frontend from making the backend map past the end of a file (any access
 there is SIGBUS). A frontend that shrinks the file *after* the table was accepted could still
-do that; QEMU seals its memfds against shrinking (memory-backend-memfd ``seal=on``, the
-default), and nothing here can catch SIGBUS in Python.
+do that, and nothing here can catch SIGBUS in Python. So a memfd that allows sealing is sealed
+against shrinking before its size is checked (QEMU's memory-backend-memfd is sealed already,
+``seal=on``); a file that cannot be sealed stays the frontend's to keep whole.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import mmap
 import os
@@ -105,6 +107,7 @@ def _validate(regions: Sequence[MemoryRegion]) -> list[int]:
                 raise _invalid(f"regions overlap ({key} {start:#x} < {end:#x})")
     aligns = []
     for r in regions:
+        _seal_against_shrinking(r.fd)
         try:
             st = os.fstat(r.fd)
         except (OSError, OverflowError) as exc:
@@ -130,6 +133,21 @@ def _validate(regions: Sequence[MemoryRegion]) -> list[int]:
         huge = blksize > PAGE_SIZE and not blksize & (blksize - 1) and blksize <= 1 << 30
         aligns.append(max(mmap.ALLOCATIONGRANULARITY, blksize if huge else 0))
     return aligns
+
+
+def _seal_against_shrinking(fd: int) -> None:
+    """Add F_SEAL_SHRINK to a memfd that allows sealing, before its size is checked.
+
+    Then the size check holds for the mapping's lifetime: a front-end cannot truncate the
+    file under us later (an access past the new end would be SIGBUS, which Python cannot
+    catch). Guest RAM never shrinks, so a well-behaved front-end loses nothing; QEMU's
+    memory-backend-memfd seals it already. Files that cannot be sealed (hugetlbfs, tmpfs
+    files, memfds created without MFD_ALLOW_SEALING) are left as they are.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except (OSError, OverflowError):
+        pass
 
 
 class GuestMemory:

@@ -233,6 +233,29 @@ def test_non_file_fds_rejected() -> None:
     assert info.value.kind is GuestMemoryErrorKind.MAP_FAILED
 
 
+def test_sealable_memfd_is_sealed_against_shrinking() -> None:
+    """Truncating a mapped file makes the next access SIGBUS: a memfd that allows sealing is
+    sealed before its size is checked, so the check stays true. It may still grow."""
+    fd = os.memfd_create("sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    plain = memfd("unsealable", 0x2000)
+    try:
+        os.ftruncate(fd, 0x2000)
+        regions = [
+            MemoryRegion(0, 0x2000, 0x10000, 0, fd),
+            MemoryRegion(0x4000, 0x2000, 0, 0, plain),
+        ]
+        with GuestMemory.from_regions(regions) as mem:
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0x1000)
+            os.ftruncate(fd, 0x3000)
+            mem.write_at(0x1FFF, b"x")
+            assert mem.read_at(0x1FFF, 1) == b"x"
+            assert mem.read_at(0x5FFF, 1) == b"\0"  # the unsealable one still maps
+    finally:
+        os.close(fd)
+        os.close(plain)
+
+
 def test_write_at_takes_a_strided_view() -> None:
     with GuestMemory.allocate(0x1000) as mem:
         mem.write_at(0x10, memoryview(bytearray(b"abcdefgh"))[::2])
