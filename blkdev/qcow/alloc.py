@@ -11,12 +11,13 @@ So at any crash point a cluster is either referenced and counted, or counted and
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Final
 
-from blkdev.errors import ImageCorruptError
+from blkdev.errors import DiskIOError, ImageCorruptError
 from blkdev.qcow.fileio import ImageFile
-from blkdev.qcow.header import REFT_OFFSET_MASK, U64, QcowHeader
+from blkdev.qcow.header import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, U64, QcowHeader
 
 MAX_REFCOUNT_16: Final = 0xFFFF
 
@@ -142,20 +143,42 @@ class Refcounts:
             self.dirty_table.add(bi)
             self.meta.add(where)
             self.set(where, 1)
+        except BaseException:
+            # Counting the block's cluster failed (the refcount table is full): forget the
+            # block, or a later write would put it on a cluster nothing counts.
+            if bi < len(self.table):
+                self.table[bi] = 0
+            self.blocks.pop(bi, None)
+            self.dirty_blocks.discard(bi)
+            self.meta.discard(where)
+            raise
         finally:
             self._reserved.discard(where)
         return blk
 
     def _grow_table(self, bi: int) -> None:
+        """Move the refcount table to a larger run of clusters that indexes block ``bi``.
+        DiskIOError (EFBIG), changing nothing, if that needs more than qcow2's maximum table
+        (the one :func:`parse_header` accepts): the image is then full."""
         entries_per_cluster = self.cs // 8
-        n = max(self.table_clusters * 2, -(-(bi + 1) // entries_per_cluster))
-        while True:
+        cap = MAX_REFTABLE_BYTES // self.cs
+        n = max(min(self.table_clusters * 2, cap), -(-(bi + 1) // entries_per_cluster))
+        while n <= cap:
             start = self.find_free(n)
             # The new table must also index the blocks that will count its own clusters.
             need = max(bi + 1, (start + n) // self.per_block + 2)
             if n * entries_per_cluster >= need:
                 break
             n = -(-need // entries_per_cluster) + 1
+        if n > cap:
+            limit = cap * entries_per_cluster * self.per_block * self.cs
+            raise DiskIOError(
+                f"{self._f.path} is full: with {self.cs}-byte clusters a qcow2 image can use "
+                f"at most {limit >> 30} GiB of its file (a {MAX_REFTABLE_BYTES >> 20} MiB "
+                "refcount table); copy it to larger clusters with `qemu-img convert -O qcow2 "
+                f"-o cluster_size=65536 {self._f.path} NEW.qcow2`",
+                errno.EFBIG,
+            )
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table = self.table + [0] * (n * entries_per_cluster - len(self.table))
         self.table_offset = start << self.bits

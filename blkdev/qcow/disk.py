@@ -758,19 +758,33 @@ class QcowDisk:
         with self._lock:
             refs = self._writable()
             if exact:
-                # Partial clusters at either edge get real zeros.
+                # Partial clusters at either edge must read as zeros afterwards.
                 if first_full > offset:
-                    stop = min(first_full, end)
-                    self._write_allocating(
-                        refs, offset, [memoryview(_ZEROS)[: stop - offset]], stop - offset
-                    )
+                    self._zero_partial(refs, offset, min(first_full, end) - offset)
                 if last_full < end and last_full >= first_full:
-                    self._write_allocating(
-                        refs, last_full, [memoryview(_ZEROS)[: end - last_full]], end - last_full
-                    )
+                    self._zero_partial(refs, last_full, end - last_full)
             for gc in range(first_full >> self._bits, last_full >> self._bits):
                 self._zero_cluster(refs, gc, unmap=unmap)
             self._maybe_writeback()
+
+    def _zero_partial(self, refs: Refcounts, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)``, inside one cluster, read as zeros. Nothing to do
+        where it already does (a zero cluster; unallocated without a backing file or over
+        zeros in it); an allocated cluster gets zeros in place (``_write_allocating`` keeps
+        a cluster only this image references); only what shows other content (compressed, a
+        backing file's data) needs a new cluster."""
+        entry = self._l2_entry(offset >> self._bits)
+        if not entry & OFLAG_COMPRESSED:
+            if entry & OFLAG_ZERO:
+                return
+            if not entry & L2E_OFFSET_MASK:
+                if self._backing is None:
+                    return
+                buf = bytearray(length)
+                self._read_backing(offset, length, [memoryview(buf)])
+                if buf == _ZEROS[:length]:
+                    return
+        self._write_allocating(refs, offset, [memoryview(_ZEROS)[:length]], length)
 
     def _zero_cluster(self, refs: Refcounts, gc: int, *, unmap: bool) -> None:
         entry = self._l2_entry(gc)

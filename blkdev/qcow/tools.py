@@ -29,19 +29,26 @@ from blkdev.qcow.header import (
     INCOMPAT_DIRTY,
     INCOMPAT_EXTL2,
     L1E_OFFSET_MASK,
+    L1E_RESERVED,
     L2E_OFFSET_MASK,
+    L2E_STD_RESERVED,
     MAGIC,
     MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     REFT_OFFSET_MASK,
+    REFT_RESERVED,
     QcowHeader,
     l1_entries_needed,
     parse_header,
 )
 
 _SNAPSHOT: Final = struct.Struct(">QIHHIIQII")
+#: QEMU's limits on the snapshot table (block/qcow2.h).
+_MAX_SNAPSHOTS: Final = 65536
+_MAX_SNAPSHOT_EXTRA: Final = 1024
+_MAX_SNAPSHOTS_BYTES: Final = 64 << 20
 
 
 # ----------------------------------------------------------------------------- create
@@ -167,9 +174,13 @@ def image_info(path: str) -> dict[str, Any]:
     f, h = _read_header(path, lock=False)
     try:
         st = os.fstat(f.fd)
+        snapshots = _snapshot_list(f, h)
     finally:
         f.close()
-    info: dict[str, Any] = {
+    info: dict[str, Any] = {}
+    if snapshots:
+        info["snapshots"] = snapshots
+    info |= {
         "virtual-size": h.size,
         "filename": path,
         "cluster-size": h.cluster_size,
@@ -199,6 +210,48 @@ def image_info(path: str) -> dict[str, Any]:
             info["backing-filename-format"] = h.backing_format
     info["dirty-flag"] = bool(h.incompatible_features & INCOMPAT_DIRTY)
     return info
+
+
+def _snapshot_list(f: ImageFile, h: QcowHeader) -> list[dict[str, Any]]:
+    """The internal snapshots as ``qemu-img info`` lists them (its key order); empty when
+    there are none or the table is unreadable (QEMU's limits; info stays advisory)."""
+    if not h.nb_snapshots or h.nb_snapshots > _MAX_SNAPSHOTS:
+        return []
+    file_size = f.size()
+    out: list[dict[str, Any]] = []
+    pos = h.snapshots_offset
+    for _ in range(h.nb_snapshots):
+        if pos + _SNAPSHOT.size > file_size or pos - h.snapshots_offset > _MAX_SNAPSHOTS_BYTES:
+            return []
+        (_, _, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state, extra_len) = (
+            _SNAPSHOT.unpack(f.pread(pos, _SNAPSHOT.size))
+        )
+        pos += _SNAPSHOT.size
+        if extra_len > _MAX_SNAPSHOT_EXTRA or pos + extra_len + id_len + name_len > file_size:
+            return []
+        extra = f.pread(pos, extra_len)
+        pos += extra_len
+        names = f.pread(pos, id_len + name_len)
+        pos += id_len + name_len
+        pos += -pos % 8
+        if extra_len >= 8:
+            vm_state = struct.unpack_from(">Q", extra, 0)[0]
+        entry: dict[str, Any] = {}
+        if extra_len >= 24:
+            icount = struct.unpack_from(">Q", extra, 16)[0]
+            if icount != (1 << 64) - 1:  # -1: no instruction count recorded
+                entry["icount"] = icount
+        entry |= {
+            "vm-clock-nsec": vm_clock % 1_000_000_000,
+            "name": names[id_len:].decode("utf-8", "replace"),
+            "date-sec": date_sec,
+            "date-nsec": date_nsec,
+            "vm-clock-sec": vm_clock // 1_000_000_000,
+            "id": names[:id_len].decode("utf-8", "replace"),
+            "vm-state-size": vm_state,
+        }
+        out.append(entry)
+    return out
 
 
 # ----------------------------------------------------------------------------- check
@@ -272,6 +325,13 @@ class _Checker:
         per_block = self.cs * 8 // h.refcount_bits
         for bi, (entry,) in enumerate(struct.iter_unpack(">Q", raw)):
             off = entry & REFT_OFFSET_MASK
+            if entry & REFT_RESERVED:
+                # Like QEMU: a corruption, and the block's own cluster is not counted as
+                # referenced (so it also shows as a leak), but its refcounts are still read.
+                self.corruption(f"refcount table entry {bi} has reserved bits set")
+                if off and not off % self.cs and off < self.file_size:
+                    self.load_block(bi, off, per_block)
+                continue
             if not off:
                 continue
             if off % self.cs:
@@ -283,19 +343,23 @@ class _Checker:
                 self.corruption(f"refcount block {bi} is outside image")
                 continue
             self.inc(off, self.cs, f"refcount block {bi}")
-            block = self.f.pread(off, self.cs)
-            base = bi * per_block
-            if h.refcount_order == 4:
-                values = array("H", block)
-                values.byteswap()
-                for j, v in enumerate(values):
-                    if v:
-                        self.stored[base + j] = v
-            else:
-                for j in range(per_block):
-                    v = get_refcount(block, j, h.refcount_order)
-                    if v:
-                        self.stored[base + j] = v
+            self.load_block(bi, off, per_block)
+
+    def load_block(self, bi: int, off: int, per_block: int) -> None:
+        order = self.h.refcount_order
+        block = self.f.pread(off, self.cs)
+        base = bi * per_block
+        if order == 4:
+            values = array("H", block)
+            values.byteswap()
+            for j, v in enumerate(values):
+                if v:
+                    self.stored[base + j] = v
+        else:
+            for j in range(per_block):
+                v = get_refcount(block, j, order)
+                if v:
+                    self.stored[base + j] = v
 
     def stored_refcount(self, offset: int) -> int:
         return self.stored.get(offset >> self.bits, 0)
@@ -305,10 +369,14 @@ class _Checker:
         if not self.inc(l1_offset, l1_size * 8, "L1 table"):
             return
         raw = self.f.pread(l1_offset, l1_size * 8)
-        last_host = -1
         for i, (l1e,) in enumerate(struct.iter_unpack(">Q", raw)):
+            if l1e & L1E_RESERVED:
+                self.corruption(f"found L1 entry with reserved bits set: {l1e:x}")
             l2off = l1e & L1E_OFFSET_MASK
             if not l2off:
+                if l1e and not l1e & L1E_RESERVED:
+                    # qemu-img reads the header as this L2 table and counts it twice.
+                    self.corruption(f"L1 entry {i} ({l1e:x}) has flags but no L2 table offset")
                 continue
             if l2off % self.cs:
                 self.corruption(f"L2 table offset {l2off:#x} (L1 index {i}) is unaligned")
@@ -318,10 +386,14 @@ class _Checker:
             if active:
                 self.copied_checks.append((l2off, bool(l1e & OFLAG_COPIED), f"L1 index {i}"))
             table = self.f.pread(l2off, self.cs)
+            # QEMU counts fragmentation within each L2 table.
+            last_host = -1
             for j, (e,) in enumerate(struct.iter_unpack(">Q", table)):
                 if not e:
                     continue
                 where = f"L2 entry {j} of table {l2off:#x}"
+                if not e & OFLAG_COMPRESSED and e & L2E_STD_RESERVED:
+                    self.corruption(f"found l2 entry with reserved bits set: {e:x} ({where})")
                 if e & OFLAG_COMPRESSED:
                     if e & OFLAG_COPIED:
                         self.corruption(f"{where}: compressed cluster has the COPIED flag set")
@@ -330,6 +402,8 @@ class _Checker:
                     if self.inc(coff & ~(SECTOR_SIZE - 1), nb * SECTOR_SIZE, where) and active:
                         self.r.allocated_clusters += 1
                         self.r.compressed_clusters += 1
+                        # qemu-img: compressed clusters are fragmented by nature.
+                        self.r.fragmented_clusters += 1
                     continue
                 host = e & L2E_OFFSET_MASK
                 if not host:
@@ -405,9 +479,15 @@ class _Checker:
             rc = self.stored_refcount(off)
             if (rc == 1) != copied:
                 self.corruption(f"OFLAG_COPIED {where}: refcount={rc} copied={copied}")
+        end = 0
         for c in sorted(set(self.refs) | set(self.stored)):
             ref = self.refs.get(c, 0)
             rc = self.stored.get(c, 0)
+            if c >= self.nb_clusters and not ref:
+                # Counted but past the end of the file (a crash after the refcount block
+                # was written, before the data): qemu-img walks only the file's clusters.
+                continue
+            end = c + 1
             if ref == rc:
                 continue
             if rc < ref:
@@ -415,8 +495,7 @@ class _Checker:
             else:
                 self.r.leaks += 1
                 self.r.problems.append(f"Leaked cluster {c} refcount={rc} reference={ref}")
-        if self.refs:
-            self.r.image_end_offset = (max(self.refs) + 1) * self.cs
+        self.r.image_end_offset = end * self.cs
 
 
 def check_image(path: str) -> CheckResult:

@@ -129,3 +129,105 @@ def test_check_counts_bitmaps(tmp_path: Path) -> None:
     ours = check_image(str(img))
     assert (ours.corruptions, ours.leaks) == (0, 0), ours.problems
     assert ours.to_json()["image-end-offset"] == qemu_check(img)["image-end-offset"]
+
+
+def _image_with_data(tmp_path: Path) -> tuple[bytes, int, int, int, int]:
+    """A 64 KiB-cluster image with one data cluster: its bytes and the offsets of the L1
+    table, the L2 table, the refcount table and the first refcount block."""
+    img = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_io(img, "write -P 1 0 64k")
+    raw = img.read_bytes()
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    reftable = struct.unpack_from(">Q", raw, 48)[0]
+    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+    block = struct.unpack_from(">Q", raw, reftable)[0]
+    return raw, l1, l2, reftable, block
+
+
+@pytest.mark.parametrize(
+    ("table", "bit", "message"),
+    [
+        ("l1", 56, "L1 entry with reserved bits set"),
+        ("l1", 3, "L1 entry with reserved bits set"),
+        ("l2", 57, "l2 entry with reserved bits set"),
+        ("l2", 4, "l2 entry with reserved bits set"),
+        ("reftable", 3, "refcount table entry 0 has reserved bits set"),
+    ],
+)
+def test_check_reports_reserved_bits(tmp_path: Path, table: str, bit: int, message: str) -> None:
+    raw, l1, l2, reftable, _ = _image_with_data(tmp_path)
+    data = bytearray(raw)
+    pos = {"l1": l1, "l2": l2, "reftable": reftable}[table]
+    struct.pack_into(">Q", data, pos, struct.unpack_from(">Q", data, pos)[0] | 1 << bit)
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(bytes(data))
+    theirs = qemu_check(bad)
+    ours = check_image(str(bad))
+    assert ours.corruptions == theirs["corruptions"] == 1, (ours.problems, theirs)
+    assert ours.leaks == theirs.get("leaks", 0), (ours.problems, theirs)
+    assert any(message in p for p in ours.problems), ours.problems
+    assert qemu_img("check", bad, check=False).returncode == 2
+
+
+def test_check_reserved_bits_of_compressed_entries_are_data(tmp_path: Path) -> None:
+    """Bits 56..61 of a compressed L2 entry are part of its offset and size fields."""
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(b"".join(b"line %d\n" % i for i in range(100_000))[:MiB])
+    img = tmp_path / "c.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", "cluster_size=2M", raw, img)
+    ours, theirs = check_image(str(img)), qemu_check(img)
+    assert (ours.corruptions, ours.leaks) == (0, 0), ours.problems
+    assert theirs.get("corruptions", 0) == 0
+
+
+def test_check_ignores_refcounts_past_the_end_of_the_file(tmp_path: Path) -> None:
+    """A crash after a refcount block was written but before the data it counts: qemu-img
+    walks only the file's clusters and finds the image clean."""
+    raw, _, _, _, block = _image_with_data(tmp_path)
+    data = bytearray(raw)
+    past = len(raw) // 65536 + 5
+    struct.pack_into(">H", data, block + 2 * past, 1)
+    img = tmp_path / "p.qcow2"
+    img.write_bytes(bytes(data))
+    ours, theirs = check_image(str(img)), qemu_check(img)
+    assert theirs.get("leaks", 0) == theirs.get("corruptions", 0) == 0, theirs
+    assert (ours.corruptions, ours.leaks) == (0, 0), ours.problems
+    assert ours.image_end_offset == theirs["image-end-offset"]
+    # Inside the file, the same refcount is a leak (and extends the image end) for both.
+    data += bytes((past + 1) * 65536 - len(data))
+    img.write_bytes(bytes(data))
+    ours, theirs = check_image(str(img)), qemu_check(img)
+    assert ours.leaks == theirs["leaks"] == 1, (ours.problems, theirs)
+    assert ours.image_end_offset == theirs["image-end-offset"] == (past + 1) * 65536
+
+
+@pytest.mark.parametrize("cluster_size", [512, 4096])
+def test_check_fragmentation_matches_qemu(tmp_path: Path, cluster_size: int) -> None:
+    """Compressed clusters count as fragmented; plain ones when not contiguous within an L2
+    table (512-byte clusters: one table per 32 KiB)."""
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(b"".join(b"text %d\n" % i for i in range(200_000))[: 2 * MiB])
+    img = tmp_path / "f.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cluster_size}", raw, img)
+    qemu_io(img, "write -P 2 1M 8k", "write -P 3 64k 4k", "write -P 4 300k 40k", "write -P 5 0 2k")
+    ours, theirs = check_image(str(img)).to_json(), qemu_check(img)
+    for key in ("fragmented-clusters", "compressed-clusters", "allocated-clusters"):
+        assert ours.get(key) == theirs.get(key), key
+    assert ours.get("fragmented-clusters", 0) > 0
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_info_lists_snapshots(tmp_path: Path, compat: str) -> None:
+    img = tmp_path / "s.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", img, "4M")
+    assert "snapshots" not in image_info(str(img))
+    qemu_io(img, "write -P 1 0 64k")
+    qemu_img("snapshot", "-c", "first", img)
+    qemu_img("snapshot", "-c", "second one", img)
+    qemu_img("snapshot", "-c", "third", img)
+    qemu_img("snapshot", "-d", "second one", img)
+    ours, theirs = image_info(str(img)), _qemu_info(img)
+    assert ours["snapshots"] == theirs["snapshots"]
+    assert [s["name"] for s in ours["snapshots"]] == ["first", "third"]
+    assert list(ours) == list(theirs)

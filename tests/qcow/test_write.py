@@ -3,6 +3,7 @@ to a raw shadow that saw the same operations."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import struct
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blkdev.errors import ImageCorruptError
+from blkdev.errors import DiskIOError, ImageCorruptError
 from blkdev.qcow import QcowDisk, create_image, image_info
 from memory import GuestMemory
 from tests.qcow.helpers import (
@@ -291,6 +292,113 @@ def test_interoperates_both_ways(tmp_path: Path, memory: GuestMemory) -> None:
         assert read_all(disk) == expected
         shadow[:] = expected
         _workload(disk, memory, shadow, seed=12, ops=80, cs=4096)
+    finally:
+        disk.close()
+    assert_clean(img)
+    _assert_same(img, bytes(shadow), tmp_path)
+
+
+def test_refcount_table_stops_at_qemus_limit(tmp_path: Path, memory: GuestMemory) -> None:
+    """With 512-byte clusters an 8 MiB refcount table (the most QEMU and parse_header accept)
+    covers 128 GiB of file. Growing past it fails the write (EFBIG, IOERR to the guest) and
+    leaves the image valid; just below it the table grows. The allocator is pointed at
+    100 / 130 GiB so the file stays sparse."""
+    img = tmp_path / "cap.qcow2"
+    create_image(str(img), 1 << 30, cluster_size=512)
+    before = img.read_bytes()
+    disk = QcowDisk.open(str(img), read_only=False)
+    try:
+        assert disk._refs is not None
+        disk._refs.hint = (130 << 30) // 512
+        with pytest.raises(DiskIOError, match="full") as err:
+            guest_write(disk, memory, 0, b"x" * 512)
+        assert err.value.errno == errno.EFBIG
+        disk.flush()
+    finally:
+        disk.close()
+    assert img.read_bytes() == before
+    assert_clean(img)
+
+    disk = QcowDisk.open(str(img), read_only=False)
+    try:
+        assert disk._refs is not None
+        disk._refs.hint = (100 << 30) // 512
+        guest_write(disk, memory, 0, b"y" * 512)
+    finally:
+        disk.close()
+    with open(img, "rb") as f:
+        f.seek(56)
+        (reftable_clusters,) = struct.unpack(">I", f.read(4))
+    assert 4 * MiB < reftable_clusters * 512 <= 8 * MiB
+    assert qemu_img("info", img).returncode == 0
+    disk = QcowDisk.open(str(img), read_only=True)
+    try:
+        assert guest_read(disk, memory, 0, 1024) == b"y" * 512 + bytes(512)
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("backing", [False, True])
+def test_partial_write_zeroes_allocates_only_where_needed(
+    tmp_path: Path, memory: GuestMemory, backing: bool
+) -> None:
+    """Write-zeroes of part of a cluster that already reads as zeros changes nothing; on an
+    allocated cluster it writes zeros in place; only a backing file's data showing through
+    (or a compressed cluster) needs a new cluster."""
+    cs = 65536
+    size = 64 * MiB
+    img = tmp_path / "z.qcow2"
+    shadow = bytearray(size)
+    if backing:
+        base = tmp_path / "base.raw"
+        base_data = bytearray(size // 2)  # zeros, except clusters 8..15; shorter than the disk
+        base_data[8 * cs : 16 * cs] = random.Random(1).randbytes(8 * cs)
+        base.write_bytes(bytes(base_data))
+        shadow[: len(base_data)] = base_data
+        create_image(str(img), size, backing_file="base.raw", backing_format="raw")
+    else:
+        create_image(str(img), size)
+    disk = QcowDisk.open(str(img), read_only=False)
+    try:
+        guest_write(disk, memory, 2 * cs, b"d" * cs)  # an allocated cluster
+        shadow[2 * cs : 3 * cs] = b"d" * cs
+        disk.write_zeroes(4 * cs, cs, unmap=False)  # a zero cluster
+        shadow[4 * cs : 5 * cs] = bytes(cs)
+        disk.flush()
+        allocated = img.stat().st_size
+        for i in range(size // cs):
+            if 8 <= i < 16:
+                continue
+            disk.write_zeroes(i * cs + 4096, 4096, unmap=i % 2 == 0)
+            shadow[i * cs + 4096 : i * cs + 8192] = bytes(4096)
+        # Straddling a cluster boundary: the tail of one, the head of the next.
+        disk.write_zeroes(5 * cs - 1024, 2048, unmap=True)
+        shadow[5 * cs - 1024 : 5 * cs + 1024] = bytes(2048)
+        disk.flush()
+        assert img.stat().st_size == allocated
+        # Backing data showing through: the cluster gets its own copy, zeroed in part.
+        disk.write_zeroes(9 * cs + 512, 1024, unmap=True)
+        shadow[9 * cs + 512 : 9 * cs + 1536] = bytes(1024)
+        disk.flush()
+        assert img.stat().st_size == allocated + (cs if backing else 0)
+        assert guest_read(disk, memory, 2 * cs, cs) == shadow[2 * cs : 3 * cs]
+    finally:
+        disk.close()
+    assert_clean(img)
+    _assert_same(img, bytes(shadow), tmp_path)
+
+
+def test_partial_write_zeroes_on_compressed_cluster(tmp_path: Path) -> None:
+    raw = tmp_path / "a.raw"
+    content = b"".join(b"row %d\n" % i for i in range(100_000))[:MiB]
+    raw.write_bytes(content)
+    img = tmp_path / "c.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", raw, img)
+    shadow = bytearray(content)
+    disk = QcowDisk.open(str(img), read_only=False)
+    try:
+        disk.write_zeroes(65536 + 512, 4096, unmap=True)
+        shadow[65536 + 512 : 65536 + 4608] = bytes(4096)
     finally:
         disk.close()
     assert_clean(img)
