@@ -34,7 +34,8 @@ log = structlog.get_logger(__name__)
 
 CONFIG_SPACE_LIMIT: Final = 4096
 MAX_DISCARD_SEGMENTS: Final = 256
-#: Largest DISCARD / WRITE_ZEROES segment, as QEMU (INT_MAX bytes rounded down to sectors).
+#: Largest DISCARD / WRITE_ZEROES request, all its segments together (see
+#: ``virtio_blk.decode_segments``): INT_MAX bytes rounded down to sectors, as QEMU.
 MAX_DWZ_SECTORS: Final = (2**31 - 1) // vb.SECTOR_SIZE
 SIZE_MAX: Final = 1 << 20
 

@@ -181,20 +181,25 @@ def is_qcow2_header(first_bytes: bytes) -> bool:
     return first_bytes[:4] == QCOW2_MAGIC
 
 
-def probe_format(path: str) -> Literal["raw", "qcow2"]:
-    """Guess the format from the first bytes: qcow2 if it has the magic, else raw."""
-    fd = open_image_file(path, read_only=True)
-    try:
-        first = os.pread(fd, 512, 0)
-    except OSError as e:
-        raise ImageError(f"cannot read {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+def format_of_first_sector(first: bytes) -> Literal["raw", "qcow2"]:
+    """What :func:`probe_format` makes of an image that starts with ``first``."""
     try:
         from blkdev.qcow import is_qcow2_header as qcow_probe
     except ImportError:
         qcow_probe = is_qcow2_header
     return "qcow2" if qcow_probe(first) else "raw"
+
+
+def probe_format(path: str) -> Literal["raw", "qcow2"]:
+    """Guess the format from the first bytes: qcow2 if it has the magic, else raw."""
+    fd = open_image_file(path, read_only=True)
+    try:
+        first = os.pread(fd, SECTOR_SIZE, 0)
+    except OSError as e:
+        raise ImageError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return format_of_first_sector(first)
 
 
 def open_disk(
@@ -206,9 +211,12 @@ def open_disk(
 ) -> Disk:
     """Open ``path`` as a disk; ``disk.format_name`` says which format was used.
 
-    ``fmt="auto"`` probes. A probed qcow2 never opens a backing file: a guest can write a
-    qcow2 header into a raw image, and following its backing-file name would let the guest read
-    any host file the backend can. Images with a backing file need ``fmt="qcow2"``.
+    ``fmt="auto"`` probes. A guest can write a qcow2 header into a raw image, and the next
+    probe would then hand the guest the image's metadata: following its backing-file name
+    would let the guest read any host file the backend can, and its virtual size would let it
+    grow the host file without bound. So, as QEMU does, a probed qcow2 never opens a backing
+    file (images with one need ``fmt="qcow2"``), and a probed raw image refuses a guest write
+    that would make its first sector probe as anything but raw (``fmt="raw"`` allows it).
     ``cache="none"`` (O_DIRECT) applies to raw images.
     """
     if fmt not in ("auto", "raw", "qcow2"):
@@ -228,4 +236,4 @@ def open_disk(
         return disk
     from blkdev.raw import RawDisk
 
-    return RawDisk.open(path, read_only=read_only, cache=cache)
+    return RawDisk.open(path, read_only=read_only, cache=cache, probed=fmt == "auto")

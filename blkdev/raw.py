@@ -27,7 +27,7 @@ import structlog
 from blkdev.disk import SECTOR_SIZE
 from blkdev.errors import DiskIOError, ImageError
 from blkdev.fileio import preadv_full, pwritev_full
-from blkdev.image import check_size, lock_image, open_image_file
+from blkdev.image import check_size, format_of_first_sector, lock_image, open_image_file
 from memory import BounceBuffer, IoBuffers
 
 log = structlog.get_logger(__name__)
@@ -75,8 +75,10 @@ class RawDisk:
         block_device: bool,
         direct: bool,
         align: int,
+        probed: bool = False,
     ) -> None:
         self._fd = fd
+        self._probed = probed
         self._path = path
         self._size = size
         self._read_only = read_only
@@ -101,8 +103,12 @@ class RawDisk:
         *,
         read_only: bool = False,
         cache: Literal["writeback", "none"] = "writeback",
+        probed: bool = False,
     ) -> RawDisk:
-        """Open and lock ``path``; ImageError (naming the fix) when it cannot be served."""
+        """Open and lock ``path``; ImageError (naming the fix) when it cannot be served.
+
+        ``probed``: the format was guessed, not given, so the guest may not write a first
+        sector that a later probe would take for another format (see ``image.open_disk``)."""
         if cache not in ("writeback", "none"):
             raise ValueError(f"unknown cache mode {cache!r}")
         direct = cache == "none"
@@ -127,6 +133,7 @@ class RawDisk:
                 block_device=block_device,
                 direct=direct,
                 align=align,
+                probed=probed,
             )
         except OSError as e:
             os.close(fd)
@@ -185,6 +192,9 @@ class RawDisk:
         self._check(offset, n, write=True)
         if n == 0:
             return
+        if self._probed and offset == 0:
+            self._guarded_first_sector_write(n, buffers)
+            return
         if self._direct and not self._aligned(offset, buffers):
             reader = buffers.reader()
             self._bounce_write(offset, n, lambda view: reader.readinto(view))
@@ -196,6 +206,28 @@ class RawDisk:
             else:
                 with self._write_lock:
                     self._pwritev_all(vecs, offset)
+
+    def _guarded_first_sector_write(self, n: int, buffers: IoBuffers) -> None:
+        """A write at offset 0 of a probed image, checked in the bounce buffer, i.e. after
+        the copy out of guest memory: a guest changing its buffer meanwhile cannot slip a
+        header past the check."""
+        reader = buffers.reader()
+        checked = False
+
+        def fill(view: memoryview) -> None:
+            nonlocal checked
+            reader.readinto(view)
+            if not checked:
+                checked = True
+                kind = format_of_first_sector(bytes(view[:SECTOR_SIZE]))
+                if kind != "raw":
+                    raise DiskIOError(
+                        f"refused a guest write that would make {self._path} probe as {kind} "
+                        "(its format was only probed): serve it with --format raw to allow it",
+                        errno.EPERM,
+                    )
+
+        self._bounce_write(0, n, fill)
 
     def flush(self) -> None:
         if self._closed:

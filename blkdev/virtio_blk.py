@@ -402,6 +402,13 @@ def decode_segments(kind: int, data: bytes, limits: Limits) -> tuple[Range, ...]
     Unknown flags, and UNMAP on a DISCARD, are UNSUPP ("the device MUST set the status byte
     to VIRTIO_BLK_S_UNSUPP for discard commands if the unmap flag is set"); a range out of
     bounds or over the sector limit is IOERR.
+
+    The sector limit bounds the whole request, not only each segment. Segments may overlap,
+    so per-segment limits alone would let one 4 KiB request name 256 x 2 GiB: minutes of work
+    for a worker (a qcow2 with small clusters zeroes cluster by cluster; a file system without
+    FALLOC_FL_ZERO_RANGE gets real zeros written), and GET_VRING_BASE, i.e. a VM stop, waits
+    for it. Linux never asks for more: its block layer caps a merged discard or write-zeroes
+    request at ``max_discard_sectors`` / ``max_write_zeroes_sectors`` in total.
     """
     if kind == VIRTIO_BLK_T_DISCARD:
         max_sectors = limits.max_discard_sectors
@@ -412,6 +419,7 @@ def decode_segments(kind: int, data: bytes, limits: Limits) -> tuple[Range, ...]
     if len(data) % DWZ_SEGMENT.size:
         raise ValueError("segment data must be a whole number of 16-byte segments")
     ranges: list[Range] = []
+    total_sectors = 0
     for sector, num_sectors, flags in DWZ_SEGMENT.iter_unpack(data):
         if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
             return Fail(VIRTIO_BLK_S_UNSUPP)
@@ -419,7 +427,8 @@ def decode_segments(kind: int, data: bytes, limits: Limits) -> tuple[Range, ...]
         if kind == VIRTIO_BLK_T_DISCARD and unmap:
             return Fail(VIRTIO_BLK_S_UNSUPP)
         length = num_sectors * SECTOR_SIZE
-        if num_sectors > max_sectors or not _in_bounds(sector, length, limits):
+        total_sectors += num_sectors
+        if total_sectors > max_sectors or not _in_bounds(sector, length, limits):
             return Fail(VIRTIO_BLK_S_IOERR)
         if num_sectors:
             ranges.append(Range(sector * SECTOR_SIZE, length, unmap))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import subprocess
@@ -248,3 +249,46 @@ def test_open_disk_qcow2_probe_never_follows_a_backing_file(tmp_path: Path) -> N
         open_disk(overlay)  # probed: the backing file is not opened
     disk = open_disk(overlay, fmt="qcow2")
     disk.close()
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_probed_raw_refuses_a_guest_write_that_would_make_it_qcow2(
+    tmp_path: Path, memory: GuestMemory, cache: str
+) -> None:
+    """A guest that writes a qcow2 header into a raw disk served with ``--format auto`` would,
+    at the next start, choose the image's virtual size (and grow the host file as it likes):
+    refused, as QEMU refuses it for probed raw images. Everything else at offset 0 (an MBR, a
+    file system) is written as usual, and ``fmt="raw"`` lets the header through."""
+    qcow = tmp_path / "donor.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "1T"], check=True)
+    header = qcow.read_bytes()[:4096]
+    path = make_image(tmp_path / "disk.raw", data=b"\x5a" * DISK_SIZE)
+    memory.write_at(0x10000, header)
+    disk = open_disk(path, cache=cache)  # type: ignore[arg-type]
+    try:
+        assert getattr(disk, "format_name", None) == "raw"
+        with pytest.raises(DiskIOError, match="--format raw") as info:
+            disk.write(0, request_buffers_from_buffers(memory, [(0x10000, 4096)], False))
+        assert info.value.errno == errno.EPERM
+        # Split across descriptors (the check is on the copy, not on guest memory).
+        pieces = [(0x10000, 3), (0x10003, 509), (0x10200, 3584)]
+        with pytest.raises(DiskIOError):
+            disk.write(0, request_buffers_from_buffers(memory, pieces, False))
+        assert Path(path).read_bytes() == b"\x5a" * DISK_SIZE
+        mbr = b"\xeb\x63\x90" + bytes(507) + b"\x55\xaa"
+        memory.write_at(0x30000, mbr + b"\x01" * 7680)
+        disk.write(0, request_buffers_from_buffers(memory, [(0x30000, 8192)], False))
+        disk.write(4096, request_buffers_from_buffers(memory, [(0x10000, 4096)], False))
+        disk.flush()
+    finally:
+        disk.close()
+    data = Path(path).read_bytes()
+    assert data[:512] == mbr and data[512:4096] == b"\x01" * 3584
+    assert data[4096:8192] == header
+    assert probe_format(path) == "raw"
+    disk = open_disk(path, fmt="raw")
+    try:
+        disk.write(0, request_buffers_from_buffers(memory, [(0x10000, 4096)], False))
+    finally:
+        disk.close()
+    assert probe_format(path) == "qcow2"

@@ -284,6 +284,13 @@ def test_decode_segments() -> None:
     assert vb.decode_segments(wz, seg(0, 2000), LIMITS) == (vb.Range(0, 2000 * 512, False),)
     assert vb.decode_segments(wz, seg(CAPACITY - 1, 2), LIMITS) == ioerr
     assert vb.decode_segments(wz, seg(2**64 - 1, 1), LIMITS) == ioerr
+    # The sector limit is for the whole request: overlapping segments cannot multiply it.
+    assert vb.decode_segments(d, seg(0, 600) + seg(0, 400), LIMITS) == (
+        vb.Range(0, 600 * 512, False),
+        vb.Range(0, 400 * 512, False),
+    )
+    assert vb.decode_segments(d, seg(0, 600) + seg(0, 401), LIMITS) == ioerr
+    assert vb.decode_segments(wz, seg(5, 1000) * 2 + seg(5, 1), LIMITS) == ioerr
     with pytest.raises(ValueError):
         vb.decode_segments(vb.VIRTIO_BLK_T_IN, seg(0, 1), LIMITS)
 
@@ -422,3 +429,4 @@ def test_garbage_gives_a_plan_never_an_exception(
         if not isinstance(ranges, vb.Fail):
             for r in ranges:
                 assert 0 < r.length and r.offset + r.length <= CAPACITY * 512
+            assert sum(r.length for r in ranges) <= 1000 * 512
