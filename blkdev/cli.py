@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("auto", "raw", "qcow2"),
         default="auto",
-        help="image format (default: auto; a probed qcow2 may not open a backing file)",
+        help=(
+            "image format (default: auto; a probed qcow2 may not open a backing file, a probed "
+            "raw image may not be given a qcow2 header)"
+        ),
     )
     serve.add_argument(
         "--read-only", action="store_true", help="export read-only (guest writes fail)"
