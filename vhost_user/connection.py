@@ -25,7 +25,6 @@ when replaced and on :meth:`Connection.close`. Worker threads never close anythi
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import structlog
 
 from memory import GuestMemory, GuestMemoryError, MemoryRegion
-from vhost_user import codec
+from vhost_user import codec, eventfd
 from vhost_user.codec import ProtocolFeature as PF
 from vhost_user.device import VhostUserDevice
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError, GuestFault
@@ -53,26 +52,6 @@ MAX_SPLIT_RING_INDEX = 0xFFFF
 BACKEND_REPLY_TIMEOUT = 5.0
 
 _connection_ids = itertools.count(1)
-
-
-def _take_eventfd(fd: int, what: str) -> int:
-    """Check that ``fd`` is an eventfd and make it non-blocking; returns it.
-
-    The front-end may hand over a blocking eventfd, and one whose counter it has filled to the
-    maximum: a write to it (a call) then blocks, and so does a read of a kick another queue's
-    worker drained first. Either would wedge a worker, and with it the connection's teardown.
-    O_NONBLOCK turns both into EAGAIN: a full call counter already has a notification pending,
-    an empty kick counter has nothing to drain. (The flag is on the open file description the
-    front-end shares; QEMU creates its eventfds non-blocking anyway.)
-    """
-    try:
-        is_eventfd = os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        is_eventfd = False
-    if not is_eventfd:
-        raise FrontendProtocolError(f"{what}: fd is not an eventfd")
-    os.set_blocking(fd, False)
-    return fd
 
 
 def ring_lengths(num: int) -> tuple[int, int, int]:
@@ -268,7 +247,7 @@ class Connection:
             case codec.SetVringErr(index=index, fd=fd):
                 ring = self._ring(index)
                 if fd is not None:
-                    _take_eventfd(fd, "SET_VRING_ERR")
+                    eventfd.check(fd, "SET_VRING_ERR")
                 old, ring.err_fd = ring.err_fd, None if fd is None else self._keep(fd)
                 close_fds([] if old is None else [old])
             case codec.SetVringEnable(index=index, enable=enable):
@@ -551,7 +530,7 @@ class Connection:
     def _set_vring_kick(self, ring: _Ring, fd: int | None) -> None:
         if fd is None:
             raise FrontendProtocolError("SET_VRING_KICK: polling mode (no fd) is not supported")
-        _take_eventfd(fd, "SET_VRING_KICK")
+        eventfd.check(fd, "SET_VRING_KICK")
         self._pause(ring)
         old, ring.kick_fd = ring.kick_fd, self._keep(fd)
         close_fds([] if old is None else [old])
@@ -559,7 +538,7 @@ class Connection:
 
     def _set_vring_call(self, ring: _Ring, fd: int | None) -> None:
         if fd is not None:
-            _take_eventfd(fd, "SET_VRING_CALL")
+            eventfd.check(fd, "SET_VRING_CALL")
         new = None if fd is None else self._keep(fd)
         old = ring.call_fd
         ring.call_fd = new
@@ -567,11 +546,9 @@ class Connection:
             ring.worker.set_call_fd(new)
             # A completion may have been signalled on the old fd after the front-end stopped
             # listening to it; a spurious interrupt is harmless, a lost one hangs the guest.
+            # The worker sends it: a write to the front-end's fd is not for this thread.
             if new is not None:
-                try:
-                    os.eventfd_write(new, 1)
-                except BlockingIOError:
-                    pass  # counter full: a notification is pending already
+                ring.worker.request_notify()
         close_fds([] if old is None else [old])
 
     # -- teardown ------------------------------------------------------------------------------
@@ -596,6 +573,14 @@ class Connection:
         for ring in self.rings:
             close_fds([fd for fd in (ring.kick_fd, ring.call_fd, ring.err_fd) if fd is not None])
             ring.kick_fd = ring.call_fd = ring.err_fd = None
+        backend = self._backend
+        if backend is not None:
+            # A config-change notification may be waiting for the front-end's answer with
+            # the lock held: shutting the socket down ends that wait at once.
+            try:
+                backend.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         with self._backend_lock:
             if self._backend is not None:
                 self._backend.close()

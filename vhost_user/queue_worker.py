@@ -7,6 +7,11 @@ progress to finish and be returned to the used ring) before closing or replacing
 The call fd is the exception that can change while the queue runs (QEMU swaps it when the
 guest masks an interrupt): :meth:`QueueWorker.set_call_fd` swaps it under a lock, so the worker
 never writes to an fd number the connection has closed and the kernel reused.
+
+The kick and call fds are the front-end's (see ``vhost_user.eventfd``): reads of the kick fd
+never block, and a write to the call fd blocks only if the front-end fills the counter at the
+wrong moment. Whoever then needs the worker (:meth:`stop`, :meth:`set_call_fd`) drains that
+counter itself, which lets the write finish: a front-end cannot wedge the connection thread.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from vhost_user import eventfd
 from vhost_user.device import VhostUserDevice
 from vhost_user.errors import GuestFault
 
@@ -26,6 +32,9 @@ if TYPE_CHECKING:
     from vhost_user.virtqueue import SplitVirtqueue
 
 log = structlog.get_logger(__name__)
+
+_UNJAM_INTERVAL = 0.2
+"""How often a thread waiting for the worker checks whether the front-end blocked it."""
 
 NOTIFY_EVERY = 64
 """In a long batch, decide whether to notify the driver at least this often, so the guest can
@@ -54,8 +63,11 @@ class QueueWorker:
         self._call_fd = call_fd
         self._call_lock = threading.Lock()
         self._call_failed = False
+        self._call_writing = False
+        self._notify_requested = False
         self._stopping = threading.Event()
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Ours alone (the front-end never sees it): wakes the thread to stop or to notify.
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.broken = False
         self.log = (logger if logger is not None else log).bind(queue=index)
         self._thread = threading.Thread(
@@ -71,20 +83,49 @@ class QueueWorker:
         Every chain the worker popped is back in the used ring (and the driver notified if it
         asked) when this returns, so ``queue.next_avail_idx`` is the exact resume point.
         """
-        if self._stop_fd < 0:
+        if self._wake_fd < 0:
             return
         self._stopping.set()
-        os.eventfd_write(self._stop_fd, 1)
+        os.eventfd_write(self._wake_fd, 1)
         if self._thread.ident is not None:
-            self._thread.join()
-        os.close(self._stop_fd)
-        self._stop_fd = -1
+            while True:
+                self._thread.join(_UNJAM_INTERVAL)
+                if not self._thread.is_alive():
+                    break
+                # Still busy: a request in progress (then we wait for it), or a call write
+                # the front-end made block (then draining its counter lets it finish).
+                self._unjam_call()
+        os.close(self._wake_fd)
+        self._wake_fd = -1
 
     def set_call_fd(self, call_fd: int | None) -> int | None:
         """Swap the call eventfd; returns the previous one (the caller closes it)."""
-        with self._call_lock:
+        while not self._call_lock.acquire(timeout=_UNJAM_INTERVAL):
+            self._unjam_call()
+        try:
             old, self._call_fd = self._call_fd, call_fd
+        finally:
+            self._call_lock.release()
         return old
+
+    def request_notify(self) -> None:
+        """Have the worker signal the call fd once, whatever the driver asked (after a call
+        fd swap: a completion signalled on the old fd may have gone unseen, and a spurious
+        interrupt is harmless where a lost one hangs the guest)."""
+        if self._wake_fd < 0:
+            return
+        self._notify_requested = True
+        os.eventfd_write(self._wake_fd, 1)
+
+    def _unjam_call(self) -> None:
+        # Read without the lock: the worker holds it while it writes, so the fd number cannot
+        # change under us (only set_call_fd changes it, and it is waiting for the lock).
+        fd = self._call_fd
+        if self._call_writing and fd is not None:
+            try:
+                eventfd.drain(fd)
+            except OSError:
+                pass
 
     @property
     def alive(self) -> bool:
@@ -102,11 +143,16 @@ class QueueWorker:
             self._serve()
             poller = select.poll()
             poller.register(self.kick_fd, select.POLLIN)
-            poller.register(self._stop_fd, select.POLLIN)
+            poller.register(self._wake_fd, select.POLLIN)
             while not self._stopping.is_set() and not self.broken:
                 events = dict(poller.poll())
-                if self._stop_fd in events or self._stopping.is_set():
+                if self._stopping.is_set():
                     break
+                if self._wake_fd in events:
+                    eventfd.drain(self._wake_fd)
+                    if self._notify_requested:
+                        self._notify_requested = False
+                        self._signal_call()
                 kick = events.get(self.kick_fd, 0)
                 if kick & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                     self._break("kick fd is not usable (error or hang-up)")
@@ -121,12 +167,9 @@ class QueueWorker:
         self.log.debug("queue worker stopped", broken=self.broken)
 
     def _drain_kick(self) -> None:
-        # The connection checked that the kick fd is an eventfd and made it non-blocking: one
-        # read resets its counter, and EAGAIN means another queue sharing the fd drained it.
-        try:
-            os.read(self.kick_fd, 8)
-        except BlockingIOError:
-            pass
+        # One read resets the counter; an empty one (another queue sharing the fd, or the
+        # front-end itself, drained it first) does not block.
+        eventfd.drain(self.kick_fd)
 
     def _break(self, reason: str, **kw: object) -> None:
         self.log.error("queue broken: stopped until the front-end resets it", reason=reason, **kw)
@@ -167,16 +210,19 @@ class QueueWorker:
                 return
 
     def _notify(self) -> None:
-        if not self.queue.should_notify():
-            return
+        if self.queue.should_notify():
+            self._signal_call()
+
+    def _signal_call(self) -> None:
         with self._call_lock:
             if self._call_fd is None:
                 return
+            self._call_writing = True
             try:
-                os.eventfd_write(self._call_fd, 1)
-            except BlockingIOError:
-                pass  # the counter is full: the driver has a notification pending already
+                eventfd.signal(self._call_fd)  # False: full, a notification is pending anyway
             except OSError as exc:
                 if not self._call_failed:  # once per worker: a front-end can make it repeat
                     self._call_failed = True
                     self.log.warning("cannot signal the call fd", error=str(exc))
+            finally:
+                self._call_writing = False

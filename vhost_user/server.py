@@ -70,6 +70,14 @@ def _prepare_path(path: str) -> None:
     raise FileExistsError(errno.EADDRINUSE, "another process is listening on this socket", path)
 
 
+def _peer_hung_up(fd: int) -> bool:
+    """Whether the peer of socket ``fd`` has shut down its sending side (all it sent is
+    already queued here, so reading the rest cannot block)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP) for _fd, ev in poller.poll(0))
+
+
 class Server:
     """A listening vhost-user socket; see the module docstring."""
 
@@ -115,7 +123,9 @@ class Server:
         """Forward a config-space change to the current front-end (False if none took it)."""
         with self._lock:
             conn = self._connection
-            return conn.notify_config_change() if conn is not None else False
+        # Not under the lock: the round trip may take the back-end channel's whole timeout,
+        # and accepting or ending a connection must not wait for it.
+        return conn.notify_config_change() if conn is not None else False
 
     def _make_device(self) -> VhostUserDevice:
         device = self._device
@@ -169,6 +179,16 @@ class Server:
                 elif first_deadline is not None and time.monotonic() >= first_deadline:
                     self.log.warning("front-end sent nothing after connecting: dropping it")
                     first_deadline = None
+                    poller.unregister(conn_fd)
+                    conn_fd = -1
+                    self._end_connection()
+                if listen_fd in ready and conn_fd >= 0 and _peer_hung_up(conn_fd):
+                    # The front-end hung up with messages still queued, and someone (QEMU
+                    # restarting, most likely) connects: finish the old connection first, or
+                    # the newcomer would be refused as a second front-end.
+                    first_deadline = None
+                    while self._serve_one():
+                        pass
                     poller.unregister(conn_fd)
                     conn_fd = -1
                     self._end_connection()

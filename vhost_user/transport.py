@@ -78,6 +78,10 @@ class Transport:
                     n - got, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except TimeoutError:
+                if first and got == 0:
+                    raise FrontendProtocolError(
+                        f"peer sent no message within {self.sock.gettimeout()} s"
+                    ) from None
                 raise FrontendProtocolError(
                     "front-end stalled in the middle of a message"
                 ) from None

@@ -8,6 +8,7 @@ run here too, against the subprocess rather than an in-process server.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
@@ -734,3 +735,68 @@ def test_faulty_chain_with_an_empty_tail_still_gets_ioerr(srv: ServeProcess) -> 
         s.desc(0, 2, a + 0x800, 0, WRITE, 0)  # zero length: the walker's fault
         assert s.raw(0, 0) == (0, 0)
         assert s.get(status, 1)[0] == VIRTIO_BLK_S_IOERR
+
+
+def test_frontend_makes_its_call_fd_blocking_again_and_full(srv: ServeProcess) -> None:
+    """O_NONBLOCK is on the file description the front-end shares: it can clear the flag
+    after handing the fd over, then fill the counter. The worker's write must still not
+    wedge it, the connection's teardown, or the server."""
+    with BlkSession.open(srv.socket, queues=(0, 1)) as s:
+        assert s.request(0, VIRTIO_BLK_T_IN, 0, read_len=SECTOR).ok
+        call = s.fe.vrings[0].call
+        fcntl.fcntl(call, fcntl.F_SETFL, fcntl.fcntl(call, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        os.eventfd_write(call, 0xFFFF_FFFF_FFFF_FFFE)
+        head = _read_request(s, 0)
+        s.kick(0)
+        deadline = time.monotonic() + 15
+        while not (used := s.rings[0].used_entries()):
+            assert time.monotonic() < deadline, "request never completed"
+            time.sleep(0.05)
+        assert used == [(head, SECTOR + 1)]
+        assert s.request(1, VIRTIO_BLK_T_IN, 0, read_len=SECTOR).ok
+        s.fe.get_features()  # the connection thread is not stuck either
+
+
+def test_semaphore_kick_eventfd_is_refused(srv: ServeProcess) -> None:
+    """Each read of an EFD_SEMAPHORE eventfd takes 1 off its counter, so it stays readable:
+    a worker polling it would spin for as long as the front-end stays."""
+    semaphore = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+    fe, memory = connected(srv.socket)
+    try:
+        fe.handshake()
+        assert fe.reply_ack
+        fe.set_mem_table(memory)
+        fe.send(codec.SetVringKick(0, semaphore, need_reply=True))
+        assert fe.transport.receive_reply(codec.Request.SET_VRING_KICK) == codec.U64Reply(
+            codec.Request.SET_VRING_KICK, 1
+        )
+        assert_dropped(fe.transport.sock)
+    finally:
+        fe.close()
+        memory.close()
+        os.close(semaphore)
+    assert "EFD_SEMAPHORE" in srv.new_log()
+
+
+def test_frontend_reconnecting_right_after_hanging_up_with_messages_queued(
+    srv: ServeProcess,
+) -> None:
+    """QEMU's stop sequence sent without waiting, a hang-up, and a new connection at once:
+    the old connection's last messages are served, then the newcomer (not refused as a
+    second front-end)."""
+    for _ in range(5):
+        with BlkSession.open(srv.socket, queues=(0, 1)) as s:
+            for q in (0, 1):
+                _read_request(s, q)
+                s.kick(q)
+            for q in (0, 1):
+                s.fe.send(codec.SetVringEnable(q, False))
+                s.fe.send(codec.GetVringBase(q))
+            s.fe.send(codec.SetMemTable(s.memory.regions(), tuple(s.memory.fds)))
+        fe = Frontend.connect(srv.socket, timeout=10)
+        try:
+            assert fe.get_features()
+        finally:
+            fe.close()
+        srv.wait_fds()
+    assert "refusing a second front-end" not in srv.new_log()

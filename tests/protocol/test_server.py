@@ -219,3 +219,34 @@ def test_serve_with_stop_fd(tmp_path: Path) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_unanswered_config_change_does_not_hold_up_the_next_frontend(running: Running) -> None:
+    """notify_config_change waits up to the back-end channel's timeout for the front-end's
+    answer. If that front-end hangs up meanwhile, its connection ends at once (the wait with
+    it), and the next front-end is served without waiting for the timeout."""
+    fe = Frontend.connect(running.path)
+    fe.handshake()
+    assert fe.backend_channel is not None  # never read nor answered
+    channel, fe.backend_channel = fe.backend_channel, None
+    result: list[tuple[bool, float]] = []
+
+    def notify() -> None:
+        t0 = time.monotonic()
+        result.append((running.server.notify_config_change(), time.monotonic() - t0))
+
+    notifier = threading.Thread(target=notify)
+    notifier.start()
+    try:
+        time.sleep(0.3)
+        fe.get_features()  # the connection is served meanwhile
+        fe.close()
+        t0 = time.monotonic()
+        with Frontend.connect(running.path) as second:
+            second.get_features()
+        assert time.monotonic() - t0 < 2.0
+        notifier.join(10)
+        assert result and result[0][0] is False and result[0][1] < 2.0
+    finally:
+        channel.close()
+        notifier.join(10)
