@@ -36,7 +36,7 @@ from vhost_user import codec, eventfd
 from vhost_user.codec import ProtocolFeature as PF
 from vhost_user.device import VhostUserDevice
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError, GuestFault
-from vhost_user.queue_worker import QueueWorker
+from vhost_user.queue_worker import QueueWorker, WorkerStuck
 from vhost_user.transport import Transport, close_fds
 from vhost_user.virtqueue import SplitVirtqueue
 
@@ -543,11 +543,16 @@ class Connection:
         old = ring.call_fd
         ring.call_fd = new
         if ring.worker is not None:
-            ring.worker.set_call_fd(new)
+            try:
+                ring.worker.set_call_fd(new)
+            except WorkerStuck as exc:
+                self.log.warning("replacing a blocked queue worker", error=str(exc))
+                self._pause(ring)  # abandons it; a fresh one takes the new fd
+                self._maybe_start(ring)
             # A completion may have been signalled on the old fd after the front-end stopped
             # listening to it; a spurious interrupt is harmless, a lost one hangs the guest.
             # The worker sends it: a write to the front-end's fd is not for this thread.
-            if new is not None:
+            if new is not None and ring.worker is not None:
                 ring.worker.request_notify()
         close_fds([] if old is None else [old])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import structlog
@@ -35,6 +36,19 @@ log = structlog.get_logger(__name__)
 
 _UNJAM_INTERVAL = 0.2
 """How often a thread waiting for the worker checks whether the front-end blocked it."""
+STUCK_LIMIT = 2.0
+"""How long a worker may stay blocked in a call write, unjamming notwithstanding, before it is
+abandoned: a front-end that refills its counter as fast as we drain it can keep it there."""
+
+
+SPIN_LIMIT = 1024
+"""Consecutive kicks that find nothing to do and leave the kick fd readable (see ``_run``)
+before the queue is stopped as broken."""
+
+
+class WorkerStuck(Exception):
+    """The front-end keeps the worker blocked on its call eventfd (see :data:`STUCK_LIMIT`)."""
+
 
 NOTIFY_EVERY = 64
 """In a long batch, decide whether to notify the driver at least this often, so the guest can
@@ -69,6 +83,7 @@ class QueueWorker:
         # Ours alone (the front-end never sees it): wakes the thread to stop or to notify.
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.broken = False
+        self.abandoned = False
         self.log = (logger if logger is not None else log).bind(queue=index)
         self._thread = threading.Thread(
             target=self._run, name=f"vhost-user-queue-{index}", daemon=True
@@ -88,20 +103,39 @@ class QueueWorker:
         self._stopping.set()
         os.eventfd_write(self._wake_fd, 1)
         if self._thread.ident is not None:
+            stuck_since: float | None = None
             while True:
                 self._thread.join(_UNJAM_INTERVAL)
                 if not self._thread.is_alive():
                     break
                 # Still busy: a request in progress (then we wait for it), or a call write
                 # the front-end made block (then draining its counter lets it finish).
+                if not self._call_writing:
+                    stuck_since = None
+                    continue
                 self._unjam_call()
+                now = time.monotonic()
+                stuck_since = now if stuck_since is None else stuck_since
+                if now - stuck_since >= STUCK_LIMIT:
+                    # Safe to leave behind: every chain it popped is in the used ring already
+                    # (it notifies only after pushing), and once its write returns it sees
+                    # _stopping and ends without touching the ring or any fd again.
+                    self.log.error("abandoning a queue worker the front-end keeps blocked")
+                    self.abandoned = True
+                    break
         os.close(self._wake_fd)
         self._wake_fd = -1
 
     def set_call_fd(self, call_fd: int | None) -> int | None:
-        """Swap the call eventfd; returns the previous one (the caller closes it)."""
+        """Swap the call eventfd; returns the previous one (the caller closes it).
+
+        :class:`WorkerStuck` if the front-end keeps the worker blocked on the old one: then
+        stop this worker (it is abandoned) and start another."""
+        deadline = time.monotonic() + STUCK_LIMIT
         while not self._call_lock.acquire(timeout=_UNJAM_INTERVAL):
             self._unjam_call()
+            if time.monotonic() >= deadline:
+                raise WorkerStuck(f"queue {self.index}: worker blocked on its call eventfd")
         try:
             old, self._call_fd = self._call_fd, call_fd
         finally:
@@ -141,9 +175,12 @@ class QueueWorker:
             # requests whose kick was consumed earlier, or notifications left suppressed by
             # the previous worker so that the driver will not kick: one pass re-arms them.
             self._serve()
+            if self._stopping.is_set():
+                return
             poller = select.poll()
             poller.register(self.kick_fd, select.POLLIN)
             poller.register(self._wake_fd, select.POLLIN)
+            idle_kicks = 0
             while not self._stopping.is_set() and not self.broken:
                 events = dict(poller.poll())
                 if self._stopping.is_set():
@@ -153,31 +190,43 @@ class QueueWorker:
                     if self._notify_requested:
                         self._notify_requested = False
                         self._signal_call()
+                    continue  # look at _stopping first: the write may have blocked for long
                 kick = events.get(self.kick_fd, 0)
                 if kick & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                     self._break("kick fd is not usable (error or hang-up)")
                     break
                 if kick & select.POLLIN:
-                    self._drain_kick()
-                    self._serve()
+                    value = eventfd.drain(self.kick_fd)
+                    if self._serve() or value != 1 or not self._kick_still_readable():
+                        idle_kicks = 0
+                        continue
+                    # A kick fd that reads 1 and stays readable, with nothing to do, again and
+                    # again, counts down like an EFD_SEMAPHORE eventfd (refused where fdinfo
+                    # tells; older kernels do not): polling it would spin forever.
+                    idle_kicks += 1
+                    if idle_kicks >= SPIN_LIMIT:
+                        self._break("kick fd never empties (an EFD_SEMAPHORE eventfd?)")
+                        break
         except Exception:
             # A bug of ours, not the guest's: keep the process and the other queues alive.
             self.log.exception("queue worker crashed")
             self.broken = True
         self.log.debug("queue worker stopped", broken=self.broken)
 
-    def _drain_kick(self) -> None:
-        # One read resets the counter; an empty one (another queue sharing the fd, or the
-        # front-end itself, drained it first) does not block.
-        eventfd.drain(self.kick_fd)
+    def _kick_still_readable(self) -> bool:
+        poller = select.poll()
+        poller.register(self.kick_fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _break(self, reason: str, **kw: object) -> None:
         self.log.error("queue broken: stopped until the front-end resets it", reason=reason, **kw)
         self.broken = True
 
-    def _serve(self) -> None:
-        """Drain the available ring, with the suppress/re-check dance of virtio 2.7.10."""
+    def _serve(self) -> int:
+        """Drain the available ring, with the suppress/re-check dance of virtio 2.7.10;
+        returns how many chains were served."""
         queue = self.queue
+        served = 0
         while not self._stopping.is_set() and not self.broken:
             queue.disable_notifications()
             pending = 0
@@ -197,17 +246,19 @@ class QueueWorker:
                     break
                 queue.push_used(chain.head, length)
                 pending += 1
+                served += 1
                 if pending >= NOTIFY_EVERY:
                     self._notify()
                     pending = 0
             if pending:
                 self._notify()
             if self._stopping.is_set() or self.broken:
-                return
+                return served
             # Re-enabling notifications races with the driver adding buffers: if it added any
             # after our last pop, it may not kick (it saw notifications off), so look again.
             if not queue.enable_notifications():
-                return
+                return served
+        return served
 
     def _notify(self) -> None:
         if self.queue.should_notify():

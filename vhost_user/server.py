@@ -187,7 +187,7 @@ class Server:
                     # restarting, most likely) connects: finish the old connection first, or
                     # the newcomer would be refused as a second front-end.
                     first_deadline = None
-                    while self._serve_one():
+                    while not self._stopping.is_set() and self._serve_one():
                         pass
                     poller.unregister(conn_fd)
                     conn_fd = -1

@@ -25,9 +25,10 @@ from tests.protocol.frontend import (
     ring_layout,
 )
 from tests.protocol.hostile import HOSTILE, hostile
-from vhost_user import codec
+from vhost_user import codec, eventfd
 from vhost_user.connection import MAX_MEM_SLOTS, OFFERED_PROTOCOL_FEATURES, Connection
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
+from vhost_user.queue_worker import STUCK_LIMIT, QueueWorker
 
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | codec.VHOST_USER_F_PROTOCOL_FEATURES
 
@@ -405,3 +406,57 @@ def test_region_specs_used_by_tests_have_a_hole() -> None:
     specs: tuple[RegionSpec, ...] = DEFAULT_LAYOUT
     assert specs[0].guest_phys_addr + specs[0].size < specs[1].guest_phys_addr
     assert all(s.userspace_addr != s.guest_phys_addr for s in specs)
+
+
+# -- a front-end that turns its eventfds against us ------------------------------------------
+
+FULL_COUNTER = 0xFFFF_FFFF_FFFF_FFFE
+
+
+def test_worker_kept_blocked_on_its_call_fd_is_abandoned(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front-end cleared O_NONBLOCK on its call fd, filled it between our poll and our
+    write, and refills it as fast as we drain it (simulated: the unjam never helps, the
+    write goes straight in). GET_VRING_BASE must still answer, within STUCK_LIMIT."""
+    ready(backend)
+    call = backend.fe.vrings[0].call
+    os.set_blocking(call, True)
+    monkeypatch.setattr(QueueWorker, "_unjam_call", lambda self: None)
+    monkeypatch.setattr(eventfd, "signal", lambda fd: os.eventfd_write(fd, 1) or True)
+    worker = backend.conn.rings[0].worker
+    assert worker is not None
+    os.eventfd_write(call, FULL_COUNTER)
+    head = echo(backend, 0, b"blocked", wait=False)
+    deadline = time.monotonic() + 5
+    while not worker._call_writing:
+        assert time.monotonic() < deadline, "the worker never tried to signal"
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    assert backend.fe.get_vring_base(0) == 1
+    assert STUCK_LIMIT <= time.monotonic() - t0 < STUCK_LIMIT + 2
+    assert worker.abandoned and backend.driver(0).used() == [(head, 7)]
+    os.eventfd_read(call)  # the front-end relents: the abandoned thread ends
+    worker._thread.join(5)
+    assert not worker.alive
+
+
+def test_semaphore_kick_fd_breaks_its_queue_where_fdinfo_cannot_tell(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels before 6.5 do not say in fdinfo whether an eventfd is a semaphore: a kick fd
+    that never empties is then caught by its behaviour, and only its queue stops."""
+    monkeypatch.setattr(eventfd, "_is_semaphore", lambda fd: False)
+    ready(backend, queues=(0, 1))
+    semaphore = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+    try:
+        backend.fe.call(codec.SetVringKick(0, semaphore))
+        worker = backend.conn.rings[0].worker
+        assert worker is not None
+        os.eventfd_write(semaphore, FULL_COUNTER)
+        worker._thread.join(10)
+        assert not worker.alive and worker.broken
+        head = echo(backend, 1, b"other queue", n=1)
+        assert backend.driver(1).used() == [(head, 11)]
+    finally:
+        os.close(semaphore)
