@@ -54,6 +54,14 @@ BACKEND_REPLY_TIMEOUT = 5.0
 _connection_ids = itertools.count(1)
 
 
+def _shut_down(transport: Transport) -> None:
+    """End any wait on ``transport``'s socket in another thread (before closing it)."""
+    try:
+        transport.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def ring_lengths(num: int) -> tuple[int, int, int]:
     """Bytes of a split ring's descriptor table, available ring and used ring for ``num``
     entries, including the event-index words (virtio 1.2, 2.7.2)."""
@@ -101,6 +109,7 @@ class Connection:
         self._kept: set[int] = set()
         self._backend: Transport | None = None
         self._backend_lock = threading.Lock()
+        self._notify_lock = threading.Lock()  # one config-change round trip at a time
         self._closed = False
         self._ran_since_quiesce = False
 
@@ -315,17 +324,23 @@ class Connection:
                 Transport(sock, message_timeout=BACKEND_REPLY_TIMEOUT),
             )
         if old is not None:
+            _shut_down(old)
             old.close()
 
     def notify_config_change(self) -> bool:
         """Tell the front-end the config space changed (CONFIG_CHANGE_MSG on the back-end
         channel), e.g. after a live resize. Safe from any thread. Returns whether the front-end
         took it (False when the channel or the CONFIG feature is missing, or it failed)."""
+        # The round trip runs outside _backend_lock, which the connection thread takes to
+        # swap or close the channel: that must not wait for an answer that may never come (a
+        # front-end sharing the socket's file description can even steal the answer). A swap
+        # or close shuts the old socket down, which ends a wait here at once.
         with self._backend_lock:
             backend = self._backend
             if backend is None or not self.protocol_features & PF.CONFIG:
                 return False
             need_reply = bool(self.protocol_features & PF.REPLY_ACK)
+        with self._notify_lock:
             try:
                 backend.send(codec.ConfigChangeMsg(need_reply=need_reply))
                 if not need_reply:
@@ -578,16 +593,9 @@ class Connection:
         for ring in self.rings:
             close_fds([fd for fd in (ring.kick_fd, ring.call_fd, ring.err_fd) if fd is not None])
             ring.kick_fd = ring.call_fd = ring.err_fd = None
-        backend = self._backend
-        if backend is not None:
-            # A config-change notification may be waiting for the front-end's answer with
-            # the lock held: shutting the socket down ends that wait at once.
-            try:
-                backend.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         with self._backend_lock:
             if self._backend is not None:
+                _shut_down(self._backend)
                 self._backend.close()
                 self._backend = None
         self.transport.close()

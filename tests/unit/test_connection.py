@@ -320,6 +320,32 @@ def test_notify_config_change_over_backend_channel(backend: Backend) -> None:
     assert result == [True]
 
 
+def test_unanswered_config_change_does_not_block_the_connection(backend: Backend) -> None:
+    """The front-end never answers CONFIG_CHANGE_MSG: meanwhile the connection keeps serving,
+    a new back-end channel is taken at once, and the waiting notification ends with it."""
+    backend.fe.handshake()
+    first = backend.fe.backend_channel
+    assert first is not None
+    result: list[tuple[bool, float]] = []
+
+    def notify() -> None:
+        t0 = time.monotonic()
+        result.append((backend.conn.notify_config_change(), time.monotonic() - t0))
+
+    t = threading.Thread(target=notify)
+    t.start()
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        backend.fe.set_backend_req_fd()  # acked: the connection thread did not wait
+        assert time.monotonic() - t0 < 1.0
+        t.join(5)
+        assert result and result[0][0] is False and result[0][1] < 2.0
+    finally:
+        first.close()
+        t.join(5)
+
+
 # -- the guest misbehaves: the queue (at worst) fails, the connection goes on ----------------
 
 
