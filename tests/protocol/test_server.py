@@ -16,6 +16,7 @@ import pytest
 from tests.protocol.echo_device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, EchoDevice
 from tests.protocol.frontend import BUFFERS_GPA, Frontend, FrontendMemory, make_driver, ring_layout
 from tests.protocol.hostile import HOSTILE, hostile
+from tests.support.timed_call import TimedCall
 from vhost_user import codec
 from vhost_user.server import Server, serve
 
@@ -229,14 +230,7 @@ def test_unanswered_config_change_does_not_hold_up_the_next_frontend(running: Ru
     fe.handshake()
     assert fe.backend_channel is not None  # never read nor answered
     channel, fe.backend_channel = fe.backend_channel, None
-    result: list[tuple[bool, float]] = []
-
-    def notify() -> None:
-        t0 = time.monotonic()
-        result.append((running.server.notify_config_change(), time.monotonic() - t0))
-
-    notifier = threading.Thread(target=notify)
-    notifier.start()
+    notify = TimedCall(running.server.notify_config_change)
     try:
         time.sleep(0.3)
         fe.get_features()  # the connection is served meanwhile
@@ -245,8 +239,7 @@ def test_unanswered_config_change_does_not_hold_up_the_next_frontend(running: Ru
         with Frontend.connect(running.path) as second:
             second.get_features()
         assert time.monotonic() - t0 < 2.0
-        notifier.join(10)
-        assert result and result[0][0] is False and result[0][1] < 2.0
+        delivered, took = notify.result()
+        assert delivered is False and took < 2.0
     finally:
         channel.close()
-        notifier.join(10)

@@ -14,8 +14,14 @@ MiB = 1 << 20
 
 
 def qemu_img(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    # errors="replace": qemu-img quotes names out of hostile images (bitmaps, backing files)
+    # byte for byte, and those need not be UTF-8.
     proc = subprocess.run(
-        ["qemu-img", *map(str, args)], capture_output=True, text=True, check=False
+        ["qemu-img", *map(str, args)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"qemu-img {' '.join(map(str, args))}: {proc.stderr}")
@@ -26,7 +32,9 @@ def qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
     args: list[str] = ["qemu-io", "-f", fmt]
     for c in commands:
         args += ["-c", c]
-    proc = subprocess.run([*args, str(image)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*args, str(image)], capture_output=True, text=True, errors="replace", check=False
+    )
     assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
 
 

@@ -4,6 +4,7 @@ guest memory and real eventfds; the device is the tests' echo device."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from tests.protocol.frontend import (
     ring_layout,
 )
 from tests.protocol.hostile import HOSTILE, hostile
+from tests.support.timed_call import TimedCall
 from vhost_user import codec, eventfd
 from vhost_user.connection import MAX_MEM_SLOTS, OFFERED_PROTOCOL_FEATURES, Connection
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
@@ -272,7 +274,12 @@ def test_call_fd_swapped_while_running(backend: Backend) -> None:
     backend.fe.call(codec.SetVringCall(0, new_call))
     backend.fe.vrings[0].call = new_call
     os.close(old)
-    os.eventfd_read(new_call)  # the back-end signals a new call fd once, like libvhost-user
+    # The back-end signals a new call fd once, like libvhost-user (from the worker, so
+    # possibly just after the ack).
+    poller = select.poll()
+    poller.register(new_call, select.POLLIN)
+    assert poller.poll(5000), "no signal on the new call fd"
+    os.eventfd_read(new_call)
     echo(backend, 0, b"after swap")
     assert len(backend.driver(0).used()) == 1
 
@@ -326,24 +333,16 @@ def test_unanswered_config_change_does_not_block_the_connection(backend: Backend
     backend.fe.handshake()
     first = backend.fe.backend_channel
     assert first is not None
-    result: list[tuple[bool, float]] = []
-
-    def notify() -> None:
-        t0 = time.monotonic()
-        result.append((backend.conn.notify_config_change(), time.monotonic() - t0))
-
-    t = threading.Thread(target=notify)
-    t.start()
+    notify = TimedCall(backend.conn.notify_config_change)
     try:
         time.sleep(0.3)
         t0 = time.monotonic()
         backend.fe.set_backend_req_fd()  # acked: the connection thread did not wait
         assert time.monotonic() - t0 < 1.0
-        t.join(5)
-        assert result and result[0][0] is False and result[0][1] < 2.0
+        delivered, took = notify.result()
+        assert delivered is False and took < 2.0
     finally:
         first.close()
-        t.join(5)
 
 
 # -- the guest misbehaves: the queue (at worst) fails, the connection goes on ----------------
