@@ -253,8 +253,7 @@ class BlkDevice:
     @staticmethod
     def _write(memory: GuestMemory, segments: tuple[vb.Segment, ...], data: bytes) -> None:
         """Write ``data`` over ``segments`` (which hold at least that many bytes)."""
-        buffers = request_buffers_from_buffers(memory, list(segments), True)
-        buffers.writer().write(data[: len(buffers)])
+        request_buffers_from_buffers(memory, list(segments), True).writer().write(data)
 
     def _serve(self, memory: GuestMemory, layout: vb.ChainLayout) -> tuple[int, int]:
         """Execute one request: (status, data bytes written to guest memory)."""

@@ -141,7 +141,8 @@ class Connection:
         except FrontendProtocolError:
             close_fds(fds)
             # The header is sound, so the front-end can still be told this request failed.
-            self._reply_malformed(header)
+            if not header.is_reply:
+                self._reply_failure(header.request, header.need_reply)
             raise
         code = codec.request_code(msg)
         self.log.debug("request", message=type(msg).__name__, need_reply=msg.need_reply)
@@ -149,47 +150,32 @@ class Connection:
         try:
             reply = self._dispatch(msg)
         except FrontendProtocolError:
-            self._reply_failure(msg, code)
+            self._reply_failure(code, msg.need_reply)
             raise
         except (GuestMemoryError, ValueError, OSError) as exc:
-            self._reply_failure(msg, code)
+            self._reply_failure(code, msg.need_reply)
             raise FrontendProtocolError(f"{type(msg).__name__}: {exc}") from exc
         finally:
             close_fds([fd for fd in msg.fds if fd not in self._kept])
         if reply is not None:
             self.transport.send_reply(reply)
-        elif self._ack_wanted(msg, code):
+        elif self._ack_wanted(code, msg.need_reply):
             self.transport.send_reply(codec.U64Reply(code, 0))
 
-    def _ack_wanted(self, msg: codec.Message, code: int) -> bool:
+    def _ack_wanted(self, request: int, need_reply: bool) -> bool:
         return (
-            msg.need_reply
+            need_reply
             and bool(self.protocol_features & PF.REPLY_ACK)
-            and code not in codec.NATURAL_REPLIES
+            and request not in codec.NATURAL_REPLIES
         )
 
-    def _reply_failure(self, msg: codec.Message, code: int) -> None:
+    def _reply_failure(self, request: int, need_reply: bool) -> None:
         try:
-            if isinstance(msg, codec.GetConfig):
+            if request == codec.Request.GET_CONFIG:
                 # Spec, GET_CONFIG: "uses zero length of payload to indicate an error".
                 self.transport.send_reply(codec.ConfigReply(0, b""))
-            elif self._ack_wanted(msg, code):
-                self.transport.send_reply(codec.U64Reply(code, 1))
-        except (ConnectionClosed, FrontendProtocolError, OSError):
-            pass
-
-    def _reply_malformed(self, header: codec.Header) -> None:
-        if header.is_reply:
-            return
-        try:
-            if header.request == codec.Request.GET_CONFIG:
-                self.transport.send_reply(codec.ConfigReply(0, b""))
-            elif (
-                header.need_reply
-                and self.protocol_features & PF.REPLY_ACK
-                and header.request not in codec.NATURAL_REPLIES
-            ):
-                self.transport.send_reply(codec.U64Reply(header.request, 1))
+            elif self._ack_wanted(request, need_reply):
+                self.transport.send_reply(codec.U64Reply(request, 1))
         except (ConnectionClosed, FrontendProtocolError, OSError):
             pass
 

@@ -48,7 +48,8 @@ def check(fd: int, what: str) -> int:
     return fd
 
 
-def _readable(fd: int) -> bool:
+def readable(fd: int) -> bool:
+    """Whether a read of ``fd`` would find something now (poll, no wait)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
@@ -66,7 +67,7 @@ def drain(fd: int) -> int | None:
             raise
         # A kernel without RWF_NOWAIT for eventfds: poll, then read. Only another reader
         # racing us could make that read block.
-        if not _readable(fd):
+        if not readable(fd):
             return None
         try:
             return int.from_bytes(os.read(fd, _COUNTER), "little")

@@ -197,7 +197,7 @@ class QueueWorker:
                     break
                 if kick & select.POLLIN:
                     value = eventfd.drain(self.kick_fd)
-                    if self._serve() or value != 1 or not self._kick_still_readable():
+                    if self._serve() or value != 1 or not eventfd.readable(self.kick_fd):
                         idle_kicks = 0
                         continue
                     # A kick fd that reads 1 and stays readable, with nothing to do, again and
@@ -212,11 +212,6 @@ class QueueWorker:
             self.log.exception("queue worker crashed")
             self.broken = True
         self.log.debug("queue worker stopped", broken=self.broken)
-
-    def _kick_still_readable(self) -> bool:
-        poller = select.poll()
-        poller.register(self.kick_fd, select.POLLIN)
-        return bool(poller.poll(0))
 
     def _break(self, reason: str, **kw: object) -> None:
         self.log.error("queue broken: stopped until the front-end resets it", reason=reason, **kw)

@@ -110,7 +110,6 @@ class Transport:
         """One framed message: checked header, payload, fds (now the caller's)."""
         fds: list[int] = []
         timeout = self.sock.gettimeout()
-        self._deadline = None
         try:
             header = codec.parse_header(self._recv_exact(codec.HEADER.size, fds, first=True))
             payload = self._recv_exact(header.size, fds, first=False) if header.size else b""
