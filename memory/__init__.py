@@ -2,11 +2,12 @@
 
 ``GuestMemory`` maps the regions a vhost-user frontend hands over (flat ``read_at``/``write_at``,
 little-endian ``read_u16``.. ``write_u64`` for rings, ``view`` for long-lived ring views,
-``translate_uva`` for vring addresses). A descriptor chain's buffers become a ``PagedRange``
-(``paged_range_from_buffers``); ``RequestBuffers`` ties that to the memory and a direction
-(``MultiRequestBuffers`` when the chain needs several ranges; ``request_buffers_from_buffers``
-picks, ``IoBuffers`` covers both). Disks move data through readers/writers, locked iovecs
-(zero copy) or a ``BounceBuffer``.
+``translate_uva`` for vring addresses). ``memory.shared`` is the one way to touch a field
+another agent reads or writes concurrently (ring indices): one aligned access each, and the
+fences. A descriptor chain's buffers become a ``PagedRange`` (``paged_range_from_buffers``);
+``RequestBuffers`` ties that to the memory and a direction (``MultiRequestBuffers`` when the
+chain needs several ranges; ``request_buffers_from_buffers`` picks, ``IoBuffers`` covers both).
+Disks move data through readers/writers, locked iovecs (zero copy) or a ``BounceBuffer``.
 
 Errors: ``GuestMemoryError`` (with ``kind``, ``gpa``) from ``GuestMemory``; ``AccessError``
 (``OutOfRangeError``, ``ReadOnlyError``, ``MemoryAccessError``) from buffers. Nothing a guest

@@ -27,7 +27,6 @@ import itertools
 import mmap
 import os
 import stat
-import struct
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,16 +34,13 @@ from types import TracebackType
 from typing import Final, NamedTuple
 
 from memory.errors import GuestMemoryError, GuestMemoryErrorKind
+from memory.shared import words
 
 PAGE_SIZE: Final = 4096
 PAGE_SHIFT: Final = 12
 _PAGE_MASK: Final = PAGE_SIZE - 1
 _ADDR_LIMIT: Final = 1 << 64
 _OFF_T_LIMIT: Final = 1 << 63
-
-_U16: Final = struct.Struct("<H")
-_U32: Final = struct.Struct("<I")
-_U64: Final = struct.Struct("<Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +59,12 @@ class MemoryRegion:
 
 
 class _Mapped(NamedTuple):
-    """A mapped region. The mmap offset of guest address ``gpa`` is ``gpa - bias``."""
+    """A mapped region. The mmap offset of guest address ``gpa`` is ``gpa - bias``.
+
+    The mapping starts on a page, so an mmap offset's alignment is its host address's. ``w16``,
+    ``w32`` and ``w64`` are the mapping as items of 2, 4 and 8 bytes (``memory.shared.words``):
+    ``w16[off >> 1] = v`` is one aligned store at mmap offset ``off``.
+    """
 
     start: int
     end: int
@@ -71,6 +72,14 @@ class _Mapped(NamedTuple):
     mm: mmap.mmap
     rw: memoryview
     ro: memoryview
+    w16: memoryview
+    w32: memoryview
+    w64: memoryview
+
+
+def _items(e: _Mapped, size: int) -> memoryview:
+    """``e``'s mapping as items of ``size`` bytes (2, 4 or 8)."""
+    return e.w16 if size == 2 else e.w32 if size == 4 else e.w64
 
 
 # One resolved piece of an access: (region, mmap offset, length).
@@ -163,6 +172,8 @@ class GuestMemory:
         entries = []
         for r, mm, delta in zip(self._regions, maps, deltas, strict=True):
             rw = memoryview(mm)
+            # Whole items only: a mapping is pages plus an mmap-offset delta, so at most the
+            # last item of a width is cut off (and then no access of that width fits there).
             entries.append(
                 _Mapped(
                     r.guest_phys_addr,
@@ -171,6 +182,9 @@ class GuestMemory:
                     mm,
                     rw,
                     rw.toreadonly(),
+                    words(rw[: len(rw) & ~1], "H"),
+                    words(rw[: len(rw) & ~3], "I"),
+                    words(rw[: len(rw) & ~7], "Q"),
                 )
             )
         entries.sort(key=lambda e: e.start)
@@ -323,54 +337,63 @@ class GuestMemory:
         e, off = self._find(gpa, n)
         return (e.rw if writable else e.ro)[off : off + n]
 
+    # Fixed-width little-endian fields. An access at a naturally aligned host address is one
+    # load or store of its width (memory.shared: another agent may be reading it); an
+    # unaligned one (only possible with an unaligned mmap offset, or an unaligned gpa) is a
+    # byte copy, with no such promise.
+
     def read_u16(self, gpa: int) -> int:
-        starts, entries = self._lut
-        i = bisect_right(starts, gpa) - 1
-        if i >= 0:
-            e = entries[i]
-            if gpa + 2 <= e.end:
-                return int(_U16.unpack_from(e.mm, gpa - e.bias)[0])
-        raise self._fault(gpa, 2)
+        return self._read_fixed(2, gpa)
 
     def read_u32(self, gpa: int) -> int:
-        starts, entries = self._lut
-        i = bisect_right(starts, gpa) - 1
-        if i >= 0:
-            e = entries[i]
-            if gpa + 4 <= e.end:
-                return int(_U32.unpack_from(e.mm, gpa - e.bias)[0])
-        raise self._fault(gpa, 4)
+        return self._read_fixed(4, gpa)
 
     def read_u64(self, gpa: int) -> int:
-        starts, entries = self._lut
-        i = bisect_right(starts, gpa) - 1
-        if i >= 0:
-            e = entries[i]
-            if gpa + 8 <= e.end:
-                return int(_U64.unpack_from(e.mm, gpa - e.bias)[0])
-        raise self._fault(gpa, 8)
+        return self._read_fixed(8, gpa)
 
     def write_u16(self, gpa: int, value: int) -> None:
-        self._write_fixed(_U16, 1 << 16, gpa, value)
+        self._write_fixed(2, gpa, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
-        self._write_fixed(_U32, 1 << 32, gpa, value)
+        self._write_fixed(4, gpa, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        self._write_fixed(_U64, 1 << 64, gpa, value)
+        self._write_fixed(8, gpa, value)
 
-    def _write_fixed(self, fmt: struct.Struct, limit: int, gpa: int, value: int) -> None:
-        # Checked here: struct.pack_into zeroes its destination before it rejects a value.
-        if not 0 <= value < limit:
-            raise ValueError(f"{value!r} does not fit {fmt.format}")
+    def _read_fixed(self, size: int, gpa: int) -> int:
         starts, entries = self._lut
         i = bisect_right(starts, gpa) - 1
         if i >= 0:
             e = entries[i]
-            if gpa + fmt.size <= e.end:
-                fmt.pack_into(e.mm, gpa - e.bias, value)
+            if gpa + size <= e.end:
+                off = gpa - e.bias
+                if off % size:
+                    return int.from_bytes(e.mm[off : off + size], "little")
+                return int(_items(e, size)[off // size])
+        raise self._fault(gpa, size)
+
+    def _write_fixed(self, size: int, gpa: int, value: int) -> None:
+        if type(value) is not int or not 0 <= value < 1 << (8 * size):
+            raise ValueError(f"{value!r} does not fit {size} bytes")
+        starts, entries = self._lut
+        i = bisect_right(starts, gpa) - 1
+        if i >= 0:
+            e = entries[i]
+            if gpa + size <= e.end:
+                off = gpa - e.bias
+                if off % size:
+                    e.mm[off : off + size] = value.to_bytes(size, "little")
+                else:
+                    _items(e, size)[off // size] = value
                 return
-        raise self._fault(gpa, fmt.size)
+        raise self._fault(gpa, size)
+
+    def host_aligned(self, gpa: int, align: int) -> bool:
+        """Whether mapped guest address ``gpa`` lies at a host address that is a multiple of
+        ``align`` (a power of two up to a page). Guest alignment implies it unless the
+        front-end gave an unaligned mmap offset."""
+        _, off = self._find(gpa, 1)
+        return off % align == 0
 
     def translate_uva(self, uva: int, length: int) -> int:
         """The guest physical address of frontend virtual address ``uva``.

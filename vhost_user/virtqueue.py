@@ -17,34 +17,28 @@ and returns finished chains through the used ring. It trusts nothing in guest me
 - Each descriptor is read exactly once (indirect tables are copied out first), so a guest
   rewriting descriptors under us cannot make what we checked differ from what we return.
 
-Memory ordering. The guest driver runs on other CPUs, so the order of our loads and stores to
-the rings matters. Three kinds of barrier appear below, each commented where it is needed:
+Memory ordering and single accesses. The guest driver runs on other CPUs, so the order of our
+loads and stores to the rings matters, and no index or event field may be torn. Every access to
+a field the driver reads or writes concurrently (avail->flags/idx, used_event, used->flags/idx,
+avail_event) goes through ``memory.shared.words`` views: one aligned load or store each. Its
+docstring states the rule, why ``struct.pack_into`` breaks it, and the barriers: read and write
+barriers (§2.7.13) are free on x86-64 and marked below where a C twin needs
+``__atomic_thread_fence``; the full (store-load) barrier is ``memory.shared.full_fence``.
+Used elements are written before the used->idx store that publishes them (§2.7.8.2), so their
+stores need no such care, but they are single 4-byte stores too.
 
-- read barrier (load-load) and write barrier (store-store): x86-64 (TSO) never reorders loads
-  with loads or stores with stores, and in CPython every ring access is a separate call into C
-  that the compiler cannot move others across. So these cost nothing here; the comments mark
-  where the C twin needs ``__atomic_thread_fence(__ATOMIC_ACQUIRE / __ATOMIC_RELEASE)``.
-- full barrier (store-load): even x86 lets a later load pass an earlier store (store buffer).
-  :meth:`SplitVirtqueue._full_barrier` acquires and releases a ``threading.Lock``: CPython's lock
-  is a glibc semaphore whose fast paths are ``lock cmpxchg`` / ``lock xadd``, and a LOCK-prefixed
-  instruction drains the store buffer, i.e. a full fence on x86. (On weakly ordered hosts an
-  acquire+release pair is not a full fence; this backend targets x86-64 QEMU hosts, and the C
-  twin will use ``__atomic_thread_fence(__ATOMIC_SEQ_CST)``.)
-
-Single accesses: ring indices must not be torn. ``struct`` formats with ``<`` on a
-little-endian host use CPython's native ``memcpy`` accessors, which compile to one aligned 2- or
-4-byte load/store; the constructor checks ring alignment, so avail->idx, used->idx and the event
-fields are naturally aligned.
+Alignment: the constructor checks each part's guest alignment (§2.7: 16, 2, 4 bytes) and, as a
+front-end's unaligned mmap offset could break the link, its host alignment as well.
 """
 
 from __future__ import annotations
 
 import struct
-import threading
 from bisect import bisect_right
 from typing import Final, Protocol
 
 from memory import GuestMemory, GuestMemoryError
+from memory.shared import full_fence, words
 from vhost_user.chain import Descriptor, DescriptorChain
 from vhost_user.errors import GuestFault
 
@@ -66,9 +60,11 @@ USED_ELEM: Final = struct.Struct("<II")
 U16: Final = struct.Struct("<H")
 
 _desc_from = DESC.unpack_from
-_u16_from = U16.unpack_from
-_u16_into = U16.pack_into
-_used_into = USED_ELEM.pack_into
+
+# Field positions in the ``words`` views (item index = byte offset / item size).
+_FLAGS: Final = 0  # avail->flags / used->flags, offset 0
+_IDX: Final = 1  # avail->idx / used->idx, offset 2
+_RING: Final = 2  # avail->ring[0], offset 4 (u16 items); used->ring[0].id is u32 item 1
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -129,10 +125,9 @@ class SplitVirtqueue:
 
     __slots__ = (
         "_avail",
-        "_avail_event_off",
+        "_avail_event",
         "_desc",
         "_event_idx",
-        "_fence",
         "_in_flight",
         "_indirect_limit",
         "_mask",
@@ -146,8 +141,9 @@ class SplitVirtqueue:
         "_size",
         "_span_ends",
         "_span_starts",
-        "_used",
-        "_used_event_off",
+        "_used16",
+        "_used32",
+        "_used_event",
         "_used_idx",
     )
 
@@ -176,6 +172,13 @@ class SplitVirtqueue:
         ):
             if gpa % align:
                 raise GuestFault(f"{what} at {gpa:#x} is not {align}-byte aligned")
+            if not memory.host_aligned(gpa, align):
+                # Only a front-end's unaligned mmap offset does this; the ring cannot be
+                # accessed with single aligned stores there (memory.shared), so refuse it.
+                raise GuestFault(
+                    f"{what} at {gpa:#x} lies at a host address that is not {align}-byte "
+                    "aligned (the front-end's mmap offset for its region is unaligned)"
+                )
         self._memory = memory
         self._size = size
         self._mask = size - 1
@@ -184,10 +187,12 @@ class SplitVirtqueue:
         # mapping. They also keep the regions mapped while this queue exists, even if the
         # memory is closed under it (see memory.guest_memory on deferred unmapping).
         self._desc = memory.view(desc_gpa, 16 * size)
-        self._avail = memory.view(avail_gpa, 6 + 2 * size)
-        self._used = memory.view(used_gpa, 6 + 8 * size, writable=True)
-        self._used_event_off = 4 + 2 * size  # avail->ring[size] (§2.7.6)
-        self._avail_event_off = 4 + 8 * size  # used->ring[size] (§2.7.8)
+        self._avail = words(memory.view(avail_gpa, 6 + 2 * size), "H")
+        used = memory.view(used_gpa, 6 + 8 * size, writable=True)
+        self._used16 = words(used, "H")
+        self._used32 = words(used[: 4 + 8 * size], "I")
+        self._used_event = _RING + size  # avail->ring[size], u16 item (§2.7.6)
+        self._avail_event = 2 + 4 * size  # used->ring[size], byte offset 4 + 8 * size (§2.7.8)
         self._indirect_limit = max(size, MIN_INDIRECT_LIMIT)
         self._span_starts, self._span_ends = _memory_spans(memory)
         regions = sorted(memory.regions, key=lambda r: r.guest_phys_addr)
@@ -195,14 +200,13 @@ class SplitVirtqueue:
         self._region_ends = [r.guest_phys_addr + r.memory_size for r in regions]
         self._next_avail = next_avail_idx
         self._shadow_avail = next_avail_idx
-        self._used_idx = _u16_from(self._used, 2)[0] if used_idx is None else used_idx
+        self._used_idx = self._used16[_IDX] if used_idx is None else used_idx
         # Nothing is known about what the driver was last told (a fresh start, or a ring
         # taken over after a reconnect whose last interrupt may have been lost): the first
         # notification decision says yes. Spurious interrupts are harmless, lost ones hang.
         self._signalled_used = self._used_idx
         self._signalled_valid = False
         self._in_flight = 0
-        self._fence = threading.Lock()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -246,7 +250,7 @@ class SplitVirtqueue:
         """
         next_avail = self._next_avail
         if next_avail == self._shadow_avail:
-            avail_idx = _u16_from(self._avail, 2)[0]
+            avail_idx = self._avail[_IDX]
             # u16 free-running indices: how far ahead the driver is, across the 65535 -> 0 wrap.
             pending = (avail_idx - next_avail) & 0xFFFF
             if pending == 0:
@@ -260,7 +264,7 @@ class SplitVirtqueue:
             # Read barrier (§2.7.13.3): the driver wrote the ring entries and descriptors
             # before avail->idx (with a write barrier); we must load them after loading
             # avail->idx. Free on x86 (loads are not reordered with loads).
-        head = _u16_from(self._avail, 4 + 2 * (next_avail & self._mask))[0]
+        head = self._avail[_RING + (next_avail & self._mask)]
         self._next_avail = (next_avail + 1) & 0xFFFF
         self._in_flight += 1
         return self._walk(head)
@@ -380,11 +384,14 @@ class SplitVirtqueue:
         if not (0 <= head <= _U32_MAX and 0 <= length <= _U32_MAX):
             raise ValueError(f"used element ({head}, {length}) does not fit u32 fields")
         used_idx = self._used_idx
-        _used_into(self._used, 4 + 8 * (used_idx & self._mask), head, length)
+        elem = 1 + 2 * (used_idx & self._mask)  # u32 item of used->ring[i].id
+        used32 = self._used32
+        used32[elem] = head
+        used32[elem + 1] = length
         # Write barrier (§2.7.8.2: the device MUST set len before updating used->idx): the
         # element must be visible before the index that publishes it. Free on x86.
         used_idx = (used_idx + 1) & 0xFFFF
-        _u16_into(self._used, 2, used_idx)
+        self._used16[_IDX] = used_idx
         self._used_idx = used_idx
         if self._in_flight:
             self._in_flight -= 1
@@ -400,7 +407,7 @@ class SplitVirtqueue:
         # (still old to it) while we read the old used_event / NO_INTERRUPT: it sleeps
         # waiting for an interrupt we decided not to send. The device-side mirror of the
         # driver's rule in §2.7.13.4.1.
-        self._full_barrier()
+        full_fence()
         new = self._used_idx
         old = self._signalled_used
         valid = self._signalled_valid
@@ -409,18 +416,18 @@ class SplitVirtqueue:
         if not valid:
             return True
         if self._event_idx:
-            used_event = _u16_from(self._avail, self._used_event_off)[0]
+            used_event = self._avail[self._used_event]
             return vring_need_event(used_event, new, old)
         if new == old:
             return False
-        return not _u16_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not self._avail[_FLAGS] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     # -- available buffer notifications (§2.7.10) -----------------------------------------
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (a hint: it may kick anyway)."""
         if not self._event_idx:
-            _u16_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
         # With EVENT_IDX there is nothing to write: avail_event stays where the last
         # enable_notifications put it, so the driver kicks once when it passes that index
         # and not again (§2.7.10); flags MUST stay 0 (§2.7.10.2).
@@ -433,20 +440,15 @@ class SplitVirtqueue:
         """
         if self._event_idx:
             # Kick me when you write the entry at next_avail, i.e. the first one I haven't seen.
-            _u16_into(self._used, self._avail_event_off, self._next_avail)
+            self._used16[self._avail_event] = self._next_avail
         else:
-            _u16_into(self._used, 0, 0)
+            self._used16[_FLAGS] = 0
         # Full barrier: the store above must be visible before we load avail->idx. Otherwise
         # the driver can publish a buffer and read the old flags/avail_event (no kick) while
         # we read the old avail->idx (nothing to do): a request stranded until the next kick
         # (§2.7.10, the mirror of the note in §2.7.14).
-        self._full_barrier()
-        return bool(_u16_from(self._avail, 2)[0] != self._next_avail)
-
-    def _full_barrier(self) -> None:
-        """A store-load fence: see the module docstring for why a lock round trip is one."""
-        self._fence.acquire()
-        self._fence.release()
+        full_fence()
+        return bool(self._avail[_IDX] != self._next_avail)
 
 
 def _broken(

@@ -36,9 +36,13 @@ Raw hooks (no bookkeeping, anything goes): ``write_desc(index, gpa, length, flag
 an arbitrary head available), ``write_desc_table(data)``, ``write_avail_ring(data)`` (raw
 bytes over the ring entries).
 
-Python cannot emit memory barriers; the backend under test runs in the same thread or on
-another CPython thread, so stores through the shared mapping are seen in program order on
-x86 (TSO). That is enough for tests; the real driver is Linux.
+Single stores: every driver-owned field the device reads concurrently (avail->flags,
+avail->idx, avail->ring entries, used_event) is written with ``GuestMemory.write_u16``, which is
+one aligned 2-byte store (``memory.shared``: never ``struct.pack_into``, which zeroes the field
+first and so is two stores). A torn store here would make the backend under test see
+avail->idx jump and break the ring, masking or faking its bugs. Python cannot emit barriers;
+the backend runs on another CPython thread or process, and x86 (TSO) keeps stores in program
+order, which is all the driver side of §2.7.13 needs.
 """
 
 from __future__ import annotations
