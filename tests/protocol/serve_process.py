@@ -135,6 +135,8 @@ class ServeProcess:
         self.start()
 
     def start(self) -> None:
+        # A restart appends to the same log: only what this process writes says it listens.
+        start_at = len(self.log_text()) if self.log_path.exists() else 0
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
@@ -168,7 +170,7 @@ class ServeProcess:
                 stderr=log,
             )
         deadline = time.monotonic() + 20
-        while '"event": "listening"' not in self.log_text():
+        while '"event": "listening"' not in self.log_text()[start_at:]:
             assert self.proc.poll() is None, f"serve exited early:\n{self.log_text()}"
             assert time.monotonic() < deadline, f"serve did not start:\n{self.log_text()}"
             time.sleep(0.02)
