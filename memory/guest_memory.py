@@ -361,32 +361,19 @@ class GuestMemory:
         self._write_fixed(8, gpa, value)
 
     def _read_fixed(self, size: int, gpa: int) -> int:
-        starts, entries = self._lut
-        i = bisect_right(starts, gpa) - 1
-        if i >= 0:
-            e = entries[i]
-            if gpa + size <= e.end:
-                off = gpa - e.bias
-                if off % size:
-                    return int.from_bytes(e.mm[off : off + size], "little")
-                return int(_items(e, size)[off // size])
-        raise self._fault(gpa, size)
+        e, off = self._find(gpa, size)
+        if off % size:
+            return int.from_bytes(e.mm[off : off + size], "little")
+        return int(_items(e, size)[off // size])
 
     def _write_fixed(self, size: int, gpa: int, value: int) -> None:
         if type(value) is not int or not 0 <= value < 1 << (8 * size):
             raise ValueError(f"{value!r} does not fit {size} bytes")
-        starts, entries = self._lut
-        i = bisect_right(starts, gpa) - 1
-        if i >= 0:
-            e = entries[i]
-            if gpa + size <= e.end:
-                off = gpa - e.bias
-                if off % size:
-                    e.mm[off : off + size] = value.to_bytes(size, "little")
-                else:
-                    _items(e, size)[off // size] = value
-                return
-        raise self._fault(gpa, size)
+        e, off = self._find(gpa, size)
+        if off % size:
+            e.mm[off : off + size] = value.to_bytes(size, "little")
+        else:
+            _items(e, size)[off // size] = value
 
     def host_aligned(self, gpa: int, align: int) -> bool:
         """Whether mapped guest address ``gpa`` lies at a host address that is a multiple of

@@ -67,18 +67,16 @@ def _start_watcher(session: BlkSession, event_idx: bool) -> subprocess.Popen[str
     fd, avail_off = _file_offset(session, lay.avail)
     fd_used, used_off = _file_offset(session, lay.used)
     assert fd_used == fd, "the test layout keeps a ring in one region"
+    return _watcher(fd, RING_SIZE, avail_off, used_off, event_idx, seconds=200)
+
+
+def _watcher(
+    fd: int, size: int, avail_off: int, used_off: int, event_idx: bool, *, seconds: float
+) -> subprocess.Popen[str]:
+    """``tests.support.ring_watch`` on ``fd``; EOF on its stdin stops it."""
+    argv = [str(v) for v in (fd, size, avail_off, used_off, int(event_idx), seconds)]
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.support.ring_watch",
-            str(fd),
-            str(RING_SIZE),
-            str(avail_off),
-            str(used_off),
-            "1" if event_idx else "0",
-            "200",
-        ],
+        [sys.executable, "-m", "tests.support.ring_watch", *argv],
         cwd=REPO,
         pass_fds=(fd,),
         stdin=subprocess.PIPE,
@@ -163,24 +161,7 @@ def test_watcher_catches_a_torn_store() -> None:
         length = lay.used + 6 + 8 * size
         os.ftruncate(fd, length)
         mm = mmap.mmap(fd, length)
-        watcher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.support.ring_watch",
-                str(fd),
-                str(size),
-                str(lay.avail),
-                str(lay.used),
-                "0",
-                "60",
-            ],
-            cwd=REPO,
-            pass_fds=(fd,),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        watcher = _watcher(fd, size, lay.avail, lay.used, False, seconds=60)
         try:
             time.sleep(0.5)
             u16 = struct.Struct("<H")
