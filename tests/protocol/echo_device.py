@@ -63,7 +63,8 @@ class EchoDevice:
 
     def handle_chain(self, queue_index: int, memory: GuestMemory, chain: DescriptorChain) -> int:
         self.entered.release()
-        self.gate.wait()
+        if not self.gate.wait(30):
+            raise RuntimeError("echo device: the test never opened the gate")
         with self._lock:
             self.threads.add(threading.current_thread().name)
         if chain.fault is not None:

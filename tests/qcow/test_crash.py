@@ -79,7 +79,7 @@ def test_kill9_leaves_consistent_image(tmp_path: Path, backing: bool) -> None:
             started += line
         time.sleep(rnd.random() * 0.6)
         proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
+        out, _ = proc.communicate(timeout=30)
         events = [line.split() for line in (started + out).decode().splitlines()]
         flushed = max((int(e[1]) for e in events if e[0] == "FLUSHED"), default=-1)
         begun = max((int(e[1]) for e in events if e[0] == "BEGIN"), default=-1)

@@ -250,7 +250,8 @@ def test_concurrent_writers(tmp_path: Path) -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(60)
+        assert not t.is_alive(), "a worker thread hung"
     disk.close()
     assert not errors, errors
     assert_clean(img)

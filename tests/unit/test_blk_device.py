@@ -322,7 +322,8 @@ def test_queues_in_parallel(device: BlkDevice, image: Path) -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(60)
+            assert not t.is_alive(), "a worker thread hung"
     content = image.read_bytes()
     for n in range(100):
         assert content[n * 4096 : (n + 1) * 4096] == bytes([n]) * 4096

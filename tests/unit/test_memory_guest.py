@@ -400,6 +400,6 @@ def test_close_races_with_accesses_cleanly() -> None:
         started = threading.Event()
         with ThreadPoolExecutor(1) as pool:
             errors = pool.submit(hammer, m, rb, started)
-            started.wait()
+            assert started.wait(10), "the hammer thread never started"
             m.close()
             assert errors.result() == []

@@ -97,7 +97,8 @@ def test_concurrent_sector_writes_into_one_block_keep_each_other(
             for t in threads:
                 t.start()
             for t in threads:
-                t.join()
+                t.join(60)
+                assert not t.is_alive(), "a worker thread hung"
             disk.read(0, request_buffers_from_buffers(mem, [(0xA000, 4096)], True))
             got = mem.read_at(0xA000, 4096)
     finally:

@@ -735,7 +735,10 @@ def _device_loop(
     """A queue worker in miniature: sleeps until kicked (no polling that could hide a lost
     kick), then drains with the disable / pop / enable-and-recheck dance."""
     while True:
-        kick.wait()
+        # Bounded only so that a failed test cannot leave this thread behind forever: the
+        # driver's own wait (seconds) fails the test long before a minute without kicks.
+        if not kick.wait(60):
+            return
         kick.clear()
         if done.is_set():
             return
