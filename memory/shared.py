@@ -18,12 +18,14 @@ The mechanism is item access on a ``memoryview`` cast to ``"H"`` / ``"I"`` / ``"
 which compiles to one 2-, 4- or 8-byte move; loads likewise. The move is atomic on x86-64
 when the address is naturally aligned. Alignment holds because:
 
-- ``GuestMemory`` maps every region at a host address congruent to its guest address modulo
-  8 (it refuses an mmap offset that is not a multiple of 8), so a guest address aligned to
-  its field is a host address aligned to it too;
-- the ring code checks each part's guest alignment (§2.7: 16, 2 and 4 bytes), and
-  :func:`words` refuses a writable view whose host address is not aligned to the item size
-  (a read-only view's address cannot be asked for from Python; the first rule covers it).
+- ``GuestMemory`` maps each region from a page boundary, so a guest address lies at a host
+  address of the same alignment unless the front-end gave an unaligned mmap offset;
+  ``GuestMemory.host_aligned`` tells, and its fixed-width accessors fall back to a byte copy
+  (no single-store promise) where the host address is unaligned;
+- the ring code checks each part's guest alignment (§2.7: 16, 2 and 4 bytes) and its host
+  alignment, and refuses a ring that fails either;
+- :func:`words` refuses a writable view whose host address is not aligned to the item size
+  (a read-only view's address cannot be asked for from Python; the ring check covers it).
 
 Fences. Python cannot emit barrier instructions, and only one kind matters on x86-64 (TSO),
 the only host this backend targets:
