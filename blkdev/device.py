@@ -25,10 +25,15 @@ from typing import Final
 import structlog
 
 from blkdev import virtio_blk as vb
-from blkdev.disk import Disk
+from blkdev.disks.disk import Disk
 from blkdev.errors import BlkdevError
 from memory import AccessError, GuestMemory, GuestMemoryError, request_buffers_from_buffers
-from vhost_user.chain import DescriptorChain
+from vhost_user.ring.chain import DescriptorChain
+from vhost_user.ring.features import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -123,9 +128,9 @@ class BlkDevice:
 
     def device_features(self) -> int:
         bits = [
-            vb.VIRTIO_F_VERSION_1,
-            vb.VIRTIO_RING_F_INDIRECT_DESC,
-            vb.VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
             vb.VIRTIO_BLK_F_SIZE_MAX,
             vb.VIRTIO_BLK_F_SEG_MAX,
             vb.VIRTIO_BLK_F_BLK_SIZE,

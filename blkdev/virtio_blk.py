@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from vhost_user.chain import Descriptor
+from vhost_user.ring.chain import Descriptor
 
 SECTOR_SHIFT: Final = 9
 SECTOR_SIZE: Final = 1 << SECTOR_SHIFT
@@ -56,11 +56,6 @@ VIRTIO_BLK_F_CONFIG_WCE: Final = 11
 VIRTIO_BLK_F_MQ: Final = 12
 VIRTIO_BLK_F_DISCARD: Final = 13
 VIRTIO_BLK_F_WRITE_ZEROES: Final = 14
-
-# Transport feature bits (6).
-VIRTIO_RING_F_INDIRECT_DESC: Final = 28
-VIRTIO_RING_F_EVENT_IDX: Final = 29
-VIRTIO_F_VERSION_1: Final = 32
 
 VIRTIO_BLK_ID_BYTES: Final = 20
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: Final = 1 << 0

@@ -6,7 +6,7 @@ Server threads outlive the test that started them by a moment and would otherwis
 
 import pytest
 
-from blkdev.logging_setup import configure_logging
+from blkdev.cli.logging_setup import configure_logging
 
 INTEGRATION_TIMEOUT = 600
 """Seconds a real-guest test may take (the slowest takes about 40 s here under TCG)."""

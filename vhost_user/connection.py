@@ -32,13 +32,16 @@ from dataclasses import dataclass
 import structlog
 
 from memory import GuestMemory, GuestMemoryError, MemoryRegion
-from vhost_user import codec, eventfd
-from vhost_user.codec import ProtocolFeature as PF
+from vhost_user import eventfd
 from vhost_user.device import VhostUserDevice
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError, GuestFault
+from vhost_user.protocol import codec
+from vhost_user.protocol.codec import ProtocolFeature as PF
 from vhost_user.queue_worker import QueueWorker, WorkerStuck
+from vhost_user.ring.features import VIRTIO_RING_F_EVENT_IDX, has
+from vhost_user.ring.split import SplitVirtqueue
+from vhost_user.ring.virtqueue import VirtqueueFactory
 from vhost_user.transport import Transport, close_fds
-from vhost_user.virtqueue import SplitVirtqueue
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +50,6 @@ OFFERED_PROTOCOL_FEATURES = (
 )
 MAX_MEM_SLOTS = 32
 """GET_MAX_MEM_SLOTS: regions the front-end may add with ADD_MEM_REG (libvhost-user's value)."""
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
 MAX_SPLIT_RING_INDEX = 0xFFFF
 BACKEND_REPLY_TIMEOUT = 5.0
 
@@ -95,8 +97,10 @@ class Connection:
         device: VhostUserDevice,
         *,
         message_timeout: float | None = 5.0,
+        virtqueue_factory: VirtqueueFactory = SplitVirtqueue,
     ) -> None:
         self.id = next(_connection_ids)
+        self._virtqueue_factory = virtqueue_factory
         self.log = log.bind(conn=self.id)
         self.device = device
         self.transport = Transport(sock, message_timeout=message_timeout)
@@ -285,7 +289,7 @@ class Connection:
 
     @property
     def _event_idx(self) -> bool:
-        return bool(self.acked_features & VIRTIO_RING_F_EVENT_IDX)
+        return has(self.acked_features, VIRTIO_RING_F_EVENT_IDX)
 
     def _ring_enabled(self, ring: _Ring) -> bool:
         if self.acked_features & codec.VHOST_USER_F_PROTOCOL_FEATURES:
@@ -447,7 +451,7 @@ class Connection:
             self.log.warning("vring cannot start", queue=ring.index, error=str(exc))
             return
         try:
-            queue = SplitVirtqueue(
+            queue = self._virtqueue_factory(
                 self.memory,
                 ring.num,
                 desc,

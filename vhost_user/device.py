@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from memory import GuestMemory
-from vhost_user.chain import DescriptorChain
+from vhost_user.ring.chain import DescriptorChain
 
 
 class VhostUserDevice(Protocol):

@@ -30,7 +30,7 @@ from vhost_user.errors import GuestFault
 
 if TYPE_CHECKING:
     from memory import GuestMemory
-    from vhost_user.virtqueue import SplitVirtqueue
+    from vhost_user.ring.virtqueue import Virtqueue
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +61,7 @@ class QueueWorker:
     def __init__(
         self,
         index: int,
-        queue: SplitVirtqueue,
+        queue: Virtqueue,
         memory: GuestMemory,
         device: VhostUserDevice,
         kick_fd: int,

@@ -19,8 +19,8 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
-from vhost_user import codec
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
+from vhost_user.protocol import codec
 
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SPACE = socket.CMSG_SPACE(codec.MAX_FDS * _FD_SIZE)

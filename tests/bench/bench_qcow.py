@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from blkdev.disk import Disk
-from blkdev.qcow import QcowDisk, create_image
-from blkdev.raw import RawDisk
+from blkdev.disks.disk import Disk
+from blkdev.disks.qcow import QcowDisk, create_image
+from blkdev.disks.raw import RawDisk
 from memory import GuestMemory, request_buffers_from_buffers
 
 MiB = 1 << 20

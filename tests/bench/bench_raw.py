@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from blkdev import virtio_blk as vb
 from blkdev.device import BlkDevice
-from blkdev.raw import RawDisk
+from blkdev.disks.raw import RawDisk
 from memory import GuestMemory
-from vhost_user.chain import Descriptor, DescriptorChain
+from vhost_user.ring.chain import Descriptor, DescriptorChain
 
 PAGE = 4096
 HEADER_GPA = 0

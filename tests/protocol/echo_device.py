@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 from memory import GuestMemory
-from vhost_user.chain import DescriptorChain
+from vhost_user.ring.chain import DescriptorChain
 
 VIRTIO_F_VERSION_1 = 1 << 32
 VIRTIO_RING_F_EVENT_IDX = 1 << 29

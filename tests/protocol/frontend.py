@@ -1,7 +1,7 @@
 """A small vhost-user front-end in Python, enough to drive the back-end like QEMU does.
 
 :class:`Frontend` speaks the protocol over a real Unix socket (``vhost_user.transport`` and
-``vhost_user.codec`` do the framing, so a bug there shows up as a round-trip failure rather
+``vhost_user.protocol.codec`` do the framing, so a bug there shows up as a round-trip failure rather
 than hiding in a second implementation). :class:`FrontendMemory` is "guest RAM": memfd regions
 at guest addresses with a hole between them, announced with userspace addresses that differ
 from the guest addresses, so a back-end that confuses the two fails.
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from memory import GuestMemory, MemoryRegion
 from tests.support.driver_ring import DriverRing
-from vhost_user import codec
-from vhost_user.codec import ProtocolFeature as PF
+from vhost_user.protocol import codec
+from vhost_user.protocol.codec import ProtocolFeature as PF
 from vhost_user.transport import Transport
 
 VIRTIO_F_VERSION_1 = 1 << 32

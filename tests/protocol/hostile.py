@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from tests.protocol.frontend import Frontend, FrontendMemory, MiB, ring_layout
-from vhost_user import codec
-from vhost_user.codec import ProtocolFeature as PF
+from vhost_user.protocol import codec
+from vhost_user.protocol.codec import ProtocolFeature as PF
 
 HOSTILE: list[tuple[str, str]] = [
     ("vring index past the queues", "index 2 out of range"),

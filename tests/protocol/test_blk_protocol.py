@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from blkdev.device import BlkDevice
-from blkdev.disk import Disk
-from blkdev.image import open_disk
+from blkdev.disks import open_disk
+from blkdev.disks.disk import Disk
 from tests.protocol.frontend import (
     BUFFERS_GPA,
     Driver,

@@ -36,8 +36,8 @@ from tests.protocol.serve_process import (
 )
 from tests.support.driver_ring import VIRTQ_DESC_F_NEXT as NEXT
 from tests.support.driver_ring import VIRTQ_DESC_F_WRITE as WRITE
-from vhost_user import codec
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
+from vhost_user.protocol import codec
 
 QUEUE_SIZE = 256
 """What the server is started with (``--queue-size``): ``hostile.py``'s "too big" is 512."""

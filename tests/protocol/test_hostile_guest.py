@@ -54,7 +54,7 @@ from tests.support.driver_ring import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
-from vhost_user import codec
+from vhost_user.protocol import codec
 
 NEXT = VIRTQ_DESC_F_NEXT
 W = VIRTQ_DESC_F_WRITE

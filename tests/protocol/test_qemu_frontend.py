@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from blkdev.device import BlkDevice
-from blkdev.image import open_disk
+from blkdev.disks import open_disk
 from memory import GuestMemory
-from vhost_user.chain import DescriptorChain
+from vhost_user.ring.chain import DescriptorChain
 from vhost_user.server import Server
 
 pytestmark = pytest.mark.qemu

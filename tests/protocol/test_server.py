@@ -17,7 +17,7 @@ from tests.protocol.echo_device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_I
 from tests.protocol.frontend import BUFFERS_GPA, Frontend, FrontendMemory, make_driver, ring_layout
 from tests.protocol.hostile import HOSTILE, hostile
 from tests.support.timed_call import TimedCall
-from vhost_user import codec
+from vhost_user.protocol import codec
 from vhost_user.server import Server, serve
 
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | codec.VHOST_USER_F_PROTOCOL_FEATURES

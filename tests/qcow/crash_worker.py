@@ -11,7 +11,7 @@ import random
 import sys
 from collections.abc import Iterator
 
-from blkdev.qcow import QcowDisk
+from blkdev.disks.qcow import QcowDisk
 from memory import GuestMemory, request_buffers_from_buffers
 
 MEM = 1 << 20

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from blkdev.qcow import QcowDisk
+from blkdev.disks.qcow import QcowDisk
 from memory import GuestMemory, request_buffers_from_buffers
 
 MiB = 1 << 20

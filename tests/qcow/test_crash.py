@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blkdev.qcow import QcowDisk, create_image
+from blkdev.disks.qcow import QcowDisk, create_image
 from tests.qcow.crash_worker import operations
 from tests.qcow.helpers import MiB, qemu_check, qemu_img, read_all
 

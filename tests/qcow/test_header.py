@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blkdev.errors import BlkdevError, ImageError, UnsupportedImageError
-from blkdev.qcow import QcowDisk, check_image, create_image, image_info, is_qcow2_header
-from blkdev.qcow.header import (
+from blkdev.disks.qcow import QcowDisk, check_image, create_image, image_info, is_qcow2_header
+from blkdev.disks.qcow.header import (
     EXTENSION,
     HEADER_V2,
     HEADER_V2_SIZE,
@@ -25,6 +24,7 @@ from blkdev.qcow.header import (
     OFF_REFCOUNT_TABLE_OFFSET,
     parse_header,
 )
+from blkdev.errors import BlkdevError, ImageError, UnsupportedImageError
 from tests.qcow.helpers import as_raw, qemu_img, qemu_io, read_all
 
 

@@ -21,15 +21,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blkdev.errors import BlkdevError, UnsupportedImageError
-from blkdev.qcow import QcowDisk
-from blkdev.qcow.header import (
+from blkdev.disks.qcow import QcowDisk
+from blkdev.disks.qcow.header import (
     BITMAP_DIR_ENTRY,
     EXT_BITMAPS,
     EXTENSION,
     extensions_without,
     parse_header,
 )
+from blkdev.errors import BlkdevError, UnsupportedImageError
 from memory import GuestMemory, request_buffers_from_buffers
 from tests.protocol.serve_process import (
     DWZ_SEG,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from blkdev.disks import open_disk
+from blkdev.disks.qcow import QcowDisk
 from blkdev.errors import ImageError
-from blkdev.image import open_disk
-from blkdev.qcow import QcowDisk
 from memory import GuestMemory
 from tests.qcow.helpers import MiB, as_raw, guest_read, qemu_img, qemu_io, read_all
 

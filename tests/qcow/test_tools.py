@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from blkdev.disks.qcow import check_image, create_image, image_info
 from blkdev.errors import ImageError
-from blkdev.qcow import check_image, create_image, image_info
 from tests.qcow.helpers import MiB, assert_clean, qemu_check, qemu_img, qemu_io
 
 _SHARED_INFO_KEYS = (

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from blkdev.disks.qcow import QcowDisk, create_image, image_info
 from blkdev.errors import DiskIOError, ImageCorruptError
-from blkdev.qcow import QcowDisk, create_image, image_info
 from memory import GuestMemory
 from tests.qcow.helpers import (
     MiB,

@@ -15,11 +15,12 @@ from hypothesis import strategies as st
 
 from blkdev import virtio_blk as vb
 from blkdev.device import BlkDevice
-from blkdev.raw import RawDisk
+from blkdev.disks.raw import RawDisk
 from memory import GuestMemory
-from vhost_user.chain import Descriptor, DescriptorChain
 from vhost_user.device import VhostUserDevice
 from vhost_user.errors import GuestFault
+from vhost_user.ring import features
+from vhost_user.ring.chain import Descriptor, DescriptorChain
 
 DISK_SIZE = 1 << 20
 MEM_SIZE = 1 << 20
@@ -266,9 +267,9 @@ def test_features(device: BlkDevice) -> None:
     implements: VhostUserDevice = device  # checked by mypy
     f = implements.device_features()
     for bit in (
-        vb.VIRTIO_F_VERSION_1,
-        vb.VIRTIO_RING_F_INDIRECT_DESC,
-        vb.VIRTIO_RING_F_EVENT_IDX,
+        features.VIRTIO_F_VERSION_1,
+        features.VIRTIO_RING_F_INDIRECT_DESC,
+        features.VIRTIO_RING_F_EVENT_IDX,
         vb.VIRTIO_BLK_F_SIZE_MAX,
         vb.VIRTIO_BLK_F_SEG_MAX,
         vb.VIRTIO_BLK_F_BLK_SIZE,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from blkdev.cli import parse_size
+from blkdev.cli.common import parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,7 +179,7 @@ def test_serve_stops_on_sigterm_and_releases_the_image(tmp_path: Path) -> None:
 def _signal_during_log_storm(tmp_path: Path, delay: float) -> tuple[int | None, str]:
     """Serve with debug logging while front-ends churn, SIGTERM after ``delay``: the exit
     status (None: still running 15 s later) and the log."""
-    from vhost_user import codec
+    from vhost_user.protocol import codec
 
     tmp_path.mkdir()
     image = tmp_path / "storm.img"

@@ -1,4 +1,4 @@
-"""vhost_user.codec: wire layouts, round trips, and the parser's refusal of bad payloads."""
+"""vhost_user.protocol.codec: wire layouts, round trips, the parser's refusal of bad payloads."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vhost_user import codec
-from vhost_user.codec import Request
 from vhost_user.errors import FrontendProtocolError
+from vhost_user.protocol import codec
+from vhost_user.protocol.codec import Request
 
 
 def parse(data: bytes, fds: tuple[int, ...] = ()) -> codec.Message:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhost_user import codec
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
+from vhost_user.protocol import codec
 from vhost_user.transport import Transport, close_fds
 
 

@@ -27,9 +27,10 @@ from tests.protocol.frontend import (
 )
 from tests.protocol.hostile import HOSTILE, hostile
 from tests.support.timed_call import TimedCall
-from vhost_user import codec, eventfd
+from vhost_user import eventfd
 from vhost_user.connection import MAX_MEM_SLOTS, OFFERED_PROTOCOL_FEATURES, Connection
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
+from vhost_user.protocol import codec
 from vhost_user.queue_worker import STUCK_LIMIT, QueueWorker
 
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | codec.VHOST_USER_F_PROTOCOL_FEATURES

@@ -20,9 +20,9 @@ from tests.protocol.frontend import (
     make_driver,
     ring_layout,
 )
-from vhost_user import codec
 from vhost_user.connection import Connection
 from vhost_user.errors import ConnectionClosed
+from vhost_user.protocol import codec
 from vhost_user.transport import Transport
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from memory import GuestMemory, MemoryRegion
 from memory.shared import full_fence, words
 from vhost_user.errors import GuestFault
-from vhost_user.virtqueue import SplitVirtqueue
+from vhost_user.ring.split import SplitVirtqueue
 
 
 def test_words_are_little_endian_items_at_byte_offsets() -> None:

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blkdev.disks import open_disk
+from blkdev.disks.hostfile import IOV_MAX
+from blkdev.disks.probe import probe_format
+from blkdev.disks.raw import RawDisk
 from blkdev.errors import DiskIOError, ImageError
-from blkdev.fileio import IOV_MAX
-from blkdev.image import open_disk, probe_format
-from blkdev.raw import RawDisk
 from memory import GuestMemory, request_buffers_from_buffers
 
 DISK_SIZE = 64 * 1024
@@ -222,7 +223,7 @@ def test_open_disk_probes(tmp_path: Path) -> None:
 
 def qcow_available() -> bool:
     try:
-        from blkdev.qcow import QcowDisk  # noqa: F401
+        from blkdev.disks.qcow import QcowDisk  # noqa: F401
     except ImportError:
         return False
     return True

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blkdev.raw import RawDisk
+from blkdev.disks.raw import RawDisk
 from memory import GuestMemory, request_buffers_from_buffers
 
 SIZE = 4 << 20

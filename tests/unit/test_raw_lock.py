@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from blkdev.disks.raw import RawDisk
 from blkdev.errors import ImageLockedError
-from blkdev.raw import RawDisk
 
 pytestmark = pytest.mark.qemu
 
@@ -49,7 +49,7 @@ def held_by_child(image: str, read_only: bool) -> Iterator[subprocess.Popen[str]
     code = textwrap.dedent(
         f"""
         import sys
-        from blkdev.raw import RawDisk
+        from blkdev.disks.raw import RawDisk
         disk = RawDisk.open({image!r}, read_only={read_only})
         print("locked", flush=True)
         sys.stdin.read()

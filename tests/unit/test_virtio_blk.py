@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blkdev import virtio_blk as vb
-from vhost_user.chain import Descriptor
+from vhost_user.ring.chain import Descriptor
 
 CAPACITY = 1 << 20  # sectors
 LIMITS = vb.Limits(

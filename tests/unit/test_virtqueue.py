@@ -24,9 +24,10 @@ from tests.support.driver_ring import (
     DriverRing,
     ring_bytes,
 )
-from vhost_user.chain import Descriptor, DescriptorChain
 from vhost_user.errors import GuestFault
-from vhost_user.virtqueue import DESC, U16, USED_ELEM, SplitVirtqueue, Virtqueue, vring_need_event
+from vhost_user.ring.chain import Descriptor, DescriptorChain
+from vhost_user.ring.split import DESC, USED_ELEM, SplitVirtqueue, vring_need_event
+from vhost_user.ring.virtqueue import Virtqueue
 
 QueueFactory = Callable[..., Virtqueue]
 IMPLEMENTATIONS: list[QueueFactory] = [SplitVirtqueue]
@@ -78,7 +79,6 @@ def bufs(*spec: tuple[int, int, bool]) -> tuple[Descriptor, ...]:
 def test_struct_layouts() -> None:
     assert DESC.size == 16
     assert USED_ELEM.size == 8
-    assert U16.size == 2
     raw = DESC.pack(0x1122334455667788, 0x99AABBCC, 0x0102, 0x0304)
     assert raw == bytes.fromhex("8877665544332211ccbbaa9902010403")
     assert DESC.unpack(raw) == (0x1122334455667788, 0x99AABBCC, 0x0102, 0x0304)

@@ -25,9 +25,9 @@ from tests.support.driver_ring import (
     DriverRing,
 )
 from tests.unit.test_virtqueue import IMPLEMENTATIONS, QueueFactory
-from vhost_user.chain import Descriptor, DescriptorChain
 from vhost_user.errors import GuestFault
-from vhost_user.virtqueue import DESC, SplitVirtqueue
+from vhost_user.ring.chain import Descriptor, DescriptorChain
+from vhost_user.ring.split import DESC, SplitVirtqueue
 
 MEM_SIZE = 0x10000  # small, so random addresses often land near the edge
 RING = 0x0

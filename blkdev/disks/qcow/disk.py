@@ -25,13 +25,18 @@ from typing import Final, Protocol
 
 import structlog
 
-from blkdev.disk import SECTOR_SIZE
-from blkdev.errors import DiskIOError, ImageCorruptError, ImageError, UnsupportedImageError
-from blkdev.image import lock_image, open_image_file
-from blkdev.qcow.alloc import PendingFree, Refcounts
-from blkdev.qcow.compress import decompress_cluster
-from blkdev.qcow.fileio import ImageFile
-from blkdev.qcow.header import (
+from blkdev.disks.disk import SECTOR_SIZE
+from blkdev.disks.hostfile import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    ImageFile,
+    fallocate,
+    lock_image,
+    open_image_file,
+)
+from blkdev.disks.qcow.alloc import PendingFree, Refcounts
+from blkdev.disks.qcow.compress import decompress_cluster
+from blkdev.disks.qcow.header import (
     AUTOCLEAR_BITMAPS,
     BITMAP_DIR_ENTRY,
     EXT_BITMAPS,
@@ -51,7 +56,7 @@ from blkdev.qcow.header import (
     extensions_without,
     parse_header,
 )
-from blkdev.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from blkdev.errors import DiskIOError, ImageCorruptError, ImageError, UnsupportedImageError
 from memory import IoBuffers
 
 log = structlog.get_logger(__name__)

@@ -15,9 +15,9 @@ import errno
 from dataclasses import dataclass
 from typing import Final
 
+from blkdev.disks.hostfile import ImageFile
+from blkdev.disks.qcow.header import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, U64, QcowHeader
 from blkdev.errors import DiskIOError, ImageCorruptError
-from blkdev.qcow.fileio import ImageFile
-from blkdev.qcow.header import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, U64, QcowHeader
 
 MAX_REFCOUNT_16: Final = 0xFFFF
 

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
-from blkdev.disk import SECTOR_SIZE
+from blkdev.disks.disk import SECTOR_SIZE
 from blkdev.errors import ImageError, UnsupportedImageError
 
 MAGIC: Final = b"QFI\xfb"

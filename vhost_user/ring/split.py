@@ -6,7 +6,7 @@ and returns finished chains through the used ring. It trusts nothing in guest me
 - Ring-level nonsense (avail->idx more than a queue's worth ahead of us) raises
   :class:`GuestFault` from :meth:`SplitVirtqueue.pop`; the caller stops the queue.
 - Chain-level nonsense never raises: the chain comes back with ``fault`` set (see
-  ``vhost_user.chain``). Structural faults (bad index, loop, malformed indirect table) end the
+  ``vhost_user.ring.chain``). Structural faults (bad index, loop, malformed indirect table) end the
   walk (``complete=False``); buffer faults (outside guest memory, zero length, readable after
   writable, more than 4 GiB - 1 in total) are recorded and the walk goes on (``complete=True``).
 - Every walk is bounded: at most ``size`` descriptors of the descriptor table, then at most one
@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_right
-from typing import Final, Protocol
+from typing import Final
 
 from memory import GuestMemory, GuestMemoryError
 from memory.shared import full_fence, words
-from vhost_user.chain import Descriptor, DescriptorChain
 from vhost_user.errors import GuestFault
+from vhost_user.ring.chain import Descriptor, DescriptorChain
 
 VIRTQ_DESC_F_NEXT: Final = 1
 VIRTQ_DESC_F_WRITE: Final = 2
@@ -57,8 +57,6 @@ DESC: Final = struct.Struct("<QIHH")
 """virtq_desc (§2.7.5): addr, len, flags, next."""
 USED_ELEM: Final = struct.Struct("<II")
 """virtq_used_elem (§2.7.8): id, len."""
-U16: Final = struct.Struct("<H")
-
 _desc_from = DESC.unpack_from
 
 # Field positions in the ``words`` views (item index = byte offset / item size).
@@ -79,24 +77,6 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     across the 65535 -> 0 wrap, provided fewer than 2^16 entries pass between decisions.
     """
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
-
-
-class Virtqueue(Protocol):
-    """What the connection and queue workers need of a virtqueue (a C twin implements it too)."""
-
-    @property
-    def size(self) -> int: ...
-    @property
-    def next_avail_idx(self) -> int: ...
-    @property
-    def used_idx(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    def pop(self) -> DescriptorChain | None: ...
-    def push_used(self, head: int, length: int) -> None: ...
-    def should_notify(self) -> bool: ...
-    def enable_notifications(self) -> bool: ...
-    def disable_notifications(self) -> None: ...
 
 
 def _memory_spans(memory: GuestMemory) -> tuple[list[int], list[int]]:

@@ -13,8 +13,8 @@ from typing import Final
 
 import zstandard
 
+from blkdev.disks.qcow.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 from blkdev.errors import ImageCorruptError
-from blkdev.qcow.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 _WBITS: Final = -12
 _zstd_decompressor = zstandard.ZstdDecompressor()

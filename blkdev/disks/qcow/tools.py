@@ -9,12 +9,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from blkdev.disk import SECTOR_SIZE
-from blkdev.errors import ImageError
-from blkdev.image import lock_image, open_image_file
-from blkdev.qcow.alloc import get_refcount
-from blkdev.qcow.fileio import ImageFile
-from blkdev.qcow.header import (
+from blkdev.disks.disk import SECTOR_SIZE
+from blkdev.disks.hostfile import ImageFile, lock_image, open_image_file
+from blkdev.disks.qcow.alloc import get_refcount
+from blkdev.disks.qcow.header import (
     AUTOCLEAR_BITMAPS,
     BITMAP_DIR_ENTRY,
     COMPAT_LAZY_REFCOUNTS,
@@ -43,6 +41,7 @@ from blkdev.qcow.header import (
     l1_entries_needed,
     parse_header,
 )
+from blkdev.errors import ImageError
 
 _SNAPSHOT: Final = struct.Struct(">QIHHIIQII")
 #: QEMU's limits on the snapshot table (block/qcow2.h).

@@ -1,6 +1,6 @@
 """A descriptor chain as the split-virtqueue walker hands it to a device.
 
-These frozen types are the contract between the ring code (``vhost_user.virtqueue``, later a C
+These frozen types are the contract between the ring code (``vhost_user.ring.split``, later a C
 twin) and device code (``blkdev``): devices never look at ring memory, only at chains.
 """
 

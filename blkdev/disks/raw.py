@@ -12,52 +12,38 @@ earlier writes are durable. Every later flush fails too; the image must be reope
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import os
 import stat
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Final, Literal
 
 import structlog
 
-from blkdev.disk import SECTOR_SIZE
+from blkdev.disks.disk import SECTOR_SIZE
+from blkdev.disks.hostfile import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    blk_discard,
+    blk_zeroout,
+    block_device_size,
+    check_size,
+    direct_alignment,
+    fallocate,
+    lock_image,
+    open_image_file,
+    preadv_full,
+    pwritev_full,
+)
+from blkdev.disks.probe import format_of_first_sector
 from blkdev.errors import DiskIOError, ImageError
-from blkdev.fileio import preadv_full, pwritev_full
-from blkdev.image import check_size, format_of_first_sector, lock_image, open_image_file
 from memory import BounceBuffer, IoBuffers
 
 log = structlog.get_logger(__name__)
 
 _BOUNCE_CHUNK: Final = 1 << 20
-
-# <linux/fs.h>
-_BLKSSZGET: Final = 0x1268
-_BLKDISCARD: Final = 0x1277
-_BLKZEROOUT: Final = 0x127F
-_BLKGETSIZE64: Final = 0x80081272
-_RANGE: Final = struct.Struct("=QQ")
-
-# <linux/falloc.h>
-FALLOC_FL_KEEP_SIZE: Final = 0x01
-FALLOC_FL_PUNCH_HOLE: Final = 0x02
-FALLOC_FL_ZERO_RANGE: Final = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (``os.posix_fallocate`` has none); raises OSError."""
-    while _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err != errno.EINTR:
-            raise OSError(err, os.strerror(err))
 
 
 class RawDisk:
@@ -108,7 +94,7 @@ class RawDisk:
         """Open and lock ``path``; ImageError (naming the fix) when it cannot be served.
 
         ``probed``: the format was guessed, not given, so the guest may not write a first
-        sector that a later probe would take for another format (see ``image.open_disk``)."""
+        sector that a later probe would take for another format (see ``blkdev.disks.registry``)."""
         if cache not in ("writeback", "none"):
             raise ValueError(f"unknown cache mode {cache!r}")
         direct = cache == "none"
@@ -116,10 +102,10 @@ class RawDisk:
         try:
             st = os.fstat(fd)
             block_device = stat.S_ISBLK(st.st_mode)
-            size = _block_device_size(fd) if block_device else st.st_size
+            size = block_device_size(fd) if block_device else st.st_size
             check_size(path, size)
             lock_image(fd, path, read_only=read_only)
-            align = _direct_alignment(fd, block_device) if direct else SECTOR_SIZE
+            align = direct_alignment(fd, block_device) if direct else SECTOR_SIZE
             if size % align:
                 raise ImageError(
                     f"{path} is {size} bytes, not a multiple of the storage block size "
@@ -255,7 +241,7 @@ class RawDisk:
         try:
             with self._write_lock or _NO_LOCK:
                 if self._block_device:
-                    fcntl.ioctl(self._fd, _BLKDISCARD, _RANGE.pack(offset, length))
+                    blk_discard(self._fd, offset, length)
                 elif self._can_punch:
                     fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
@@ -285,7 +271,7 @@ class RawDisk:
         """Zero without writing data, if the storage can; False when it cannot."""
         if self._block_device:
             try:
-                fcntl.ioctl(self._fd, _BLKZEROOUT, _RANGE.pack(offset, length))
+                blk_zeroout(self._fd, offset, length)
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: not whole logical blocks
                     raise
@@ -376,30 +362,3 @@ class _NoLock:
 
 
 _NO_LOCK: Final = _NoLock()
-
-
-def _block_device_size(fd: int) -> int:
-    try:
-        buf = fcntl.ioctl(fd, _BLKGETSIZE64, bytes(8))
-        return int(struct.unpack("=Q", buf)[0])
-    except OSError:
-        return os.lseek(fd, 0, os.SEEK_END)
-
-
-def _direct_alignment(fd: int, block_device: bool) -> int:
-    """The block size O_DIRECT needs: the logical sector size for a block device; for a file,
-    512 if a 512-byte-aligned read works, else 4096."""
-    if block_device:
-        try:
-            buf = fcntl.ioctl(fd, _BLKSSZGET, bytes(4))
-            return max(SECTOR_SIZE, int(struct.unpack("=i", buf)[0]))
-        except OSError:
-            return 4096
-    bounce = BounceBuffer(8192)
-    try:
-        os.preadv(fd, [bounce.as_mut_bytes()[SECTOR_SIZE : 2 * SECTOR_SIZE]], 0)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        return 4096
-    return SECTOR_SIZE
