@@ -53,7 +53,7 @@ class BlkDevice:
 
     ``seg_max`` (data descriptors per request) defaults to ``min(queue_size, 128) - 2``: the
     driver may build indirect chains of seg_max + 2 descriptors and no chain may be longer than
-    the queue the frontend actually sets up (2.7.5.3.1), which can be smaller than
+    the queue the front-end actually sets up (2.7.5.3.1), which can be smaller than
     ``queue_size`` (QEMU's vhost-user-blk default is 128).
     """
 

@@ -1,6 +1,6 @@
 """Guest-memory model: a Python port of OpenVMM's ``guestmem`` and ``scsi_buffers`` crates.
 
-``GuestMemory`` maps the regions a vhost-user frontend hands over (flat ``read_at``/``write_at``,
+``GuestMemory`` maps the regions a vhost-user front-end hands over (flat ``read_at``/``write_at``,
 little-endian ``read_u16``.. ``write_u64`` for rings, ``view`` for long-lived ring views,
 ``translate_uva`` for vring addresses). ``memory.shared`` is the one way to touch a field
 another agent reads or writes concurrently (ring indices): one aligned access each, and the
@@ -11,7 +11,7 @@ Disks move data through readers/writers, locked iovecs (zero copy) or a ``Bounce
 
 Errors: ``GuestMemoryError`` (with ``kind``, ``gpa``) from ``GuestMemory``; ``AccessError``
 (``OutOfRangeError``, ``ReadOnlyError``, ``MemoryAccessError``) from buffers. Nothing a guest
-or frontend controls raises anything else.
+or front-end controls raises anything else.
 """
 
 from memory.bounce import BounceBuffer

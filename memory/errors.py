@@ -2,7 +2,7 @@
 
 Mirrors OpenVMM: ``guestmem::GuestMemoryError`` (an access to guest physical memory failed) and
 ``guestmem::AccessError`` (what a reader, writer or lock over a range reports: out of range,
-read only, or a wrapped memory error). Anything a guest or frontend controls surfaces as one of
+read only, or a wrapped memory error). Anything a guest or front-end controls surfaces as one of
 these; a caller's own misuse (bad argument types, impossible offsets) is ``ValueError`` or
 ``TypeError``.
 """

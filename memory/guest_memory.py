@@ -2,7 +2,7 @@
 
 The counterpart of OpenVMM's ``guestmem::GuestMemory``. OpenVMM reserves one linear mapping for
 all of guest memory; a vhost-user backend instead receives a table of regions, each an fd to
-``mmap`` plus the guest physical and frontend virtual address where it lives
+``mmap`` plus the guest physical and front-end virtual address where it lives
 (vhost-user.rst, "Memory region description"). So this type keeps a sorted table of mapped
 regions and resolves every access against it.
 
@@ -13,11 +13,11 @@ views, so a region closed while locked stays mapped until the lock is released: 
 *deferred*, never refused, and never raises ``BufferError``. The same holds for ``view()``s a
 ring keeps across a memory-table change.
 
-Validation stops a frontend from making the backend map past the end of a file (any access
-there is SIGBUS). A frontend that shrinks the file *after* the table was accepted could still
+Validation stops a front-end from making the backend map past the end of a file (any access
+there is SIGBUS). A front-end that shrinks the file *after* the table was accepted could still
 do that, and nothing here can catch SIGBUS in Python. So a memfd that allows sealing is sealed
 against shrinking before its size is checked (QEMU's memory-backend-memfd is sealed already,
-``seal=on``); a file that cannot be sealed stays the frontend's to keep whole.
+``seal=on``); a file that cannot be sealed stays the front-end's to keep whole.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _validate(regions: Sequence[MemoryRegion]) -> list[int]:
                 r.guest_phys_addr,
             ) from None
         # Mapping past the end of a file is allowed by mmap(2) but any access there raises
-        # SIGBUS, which would let the frontend kill the backend. Only regular files (memfd,
+        # SIGBUS, which would let the front-end kill the backend. Only regular files (memfd,
         # hugetlbfs, tmpfs) have a meaningful size.
         if not stat.S_ISREG(st.st_mode) or st.st_size < r.mmap_offset + r.memory_size:
             what = f"{st.st_size:#x} bytes" if stat.S_ISREG(st.st_mode) else "not a regular file"
@@ -383,9 +383,9 @@ class GuestMemory:
         return off % align == 0
 
     def translate_uva(self, uva: int, length: int) -> int:
-        """The guest physical address of frontend virtual address ``uva``.
+        """The guest physical address of front-end virtual address ``uva``.
 
-        ``[uva, uva+length)`` must lie inside one region (vring addresses arrive as frontend
+        ``[uva, uva+length)`` must lie inside one region (vring addresses arrive as front-end
         virtual addresses; vhost-user.rst, "Vring address description").
         """
         if length < 0:

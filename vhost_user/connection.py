@@ -1,4 +1,4 @@
-"""The back-end side of one vhost-user connection: a state machine driven by one thread.
+"""The backend side of one vhost-user connection: a state machine driven by one thread.
 
 :class:`Connection` reads front-end requests (:meth:`Connection.handle_message` handles
 exactly one), keeps the negotiated features, the guest memory map and the vring states, and
@@ -10,14 +10,14 @@ Ring life cycle (vhost-user spec, "Ring states"): a ring runs once it has a size
 kick eventfd and memory, and is enabled. With ``VHOST_USER_F_PROTOCOL_FEATURES`` negotiated
 rings start disabled until ``SET_VRING_ENABLE 1``; without it they are enabled from the start.
 A new worker looks at the ring once, then on every kick: the spec's "start the ring upon
-receiving a kick" keeps a back-end off a ring the front-end is still setting up, and the kick fd
+receiving a kick" keeps a backend off a ring the front-end is still setting up, and the kick fd
 is the last piece of that setup; the first look also re-arms notifications a previous worker
 may have left suppressed (then the driver would never kick).
 ``GET_VRING_BASE`` stops the ring: its worker finishes the request in progress, and the reply
 carries the index of the next available entry, the exact point to resume from.
 
 fd ownership: a message's fds belong to the connection once received. Handlers *keep* the ones
-they store (region fds, kick/call/err eventfds, the back-end channel); every other fd of the
+they store (region fds, kick/call/err eventfds, the backend channel); every other fd of the
 message is closed after the handler ran, whether it succeeded or not. Stored fds are closed
 when replaced and on :meth:`Connection.close`. Worker threads never close anything.
 """
@@ -318,7 +318,7 @@ class Connection:
             old.close()
 
     def notify_config_change(self) -> bool:
-        """Tell the front-end the config space changed (CONFIG_CHANGE_MSG on the back-end
+        """Tell the front-end the config space changed (CONFIG_CHANGE_MSG on the backend
         channel), e.g. after a live resize. Safe from any thread. Returns whether the front-end
         took it (False when the channel or the CONFIG feature is missing, or it failed)."""
         # The round trip runs outside _backend_lock, which the connection thread takes to

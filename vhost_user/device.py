@@ -4,7 +4,7 @@
 and knows nothing of block devices. A device (``blkdev.device.BlkDevice``) plugs in through this
 protocol. It is deliberately small:
 
-- Feature bits the device offers, and the config space, answer frontend messages.
+- Feature bits the device offers, and the config space, answer front-end messages.
 - :meth:`VhostUserDevice.handle_chain` turns one descriptor chain into I/O and returns the number
   of bytes written into guest memory (the used-ring length). It is called from the per-queue
   worker thread of ``queue_index``; different queues call it concurrently, so the device must be

@@ -1,6 +1,6 @@
 """Errors of the vhost-user layer, named by whose fault they are.
 
-- :class:`FrontendProtocolError`: the frontend (QEMU, or whatever is on the other end of the
+- :class:`FrontendProtocolError`: the front-end (QEMU, or whatever is on the other end of the
   socket) sent something the protocol does not allow. The connection is dropped; the backend
   keeps listening for the next one.
 - :class:`GuestFault`: the guest driver put something invalid in a virtqueue (a descriptor loop,
@@ -19,11 +19,11 @@ class VhostUserError(Exception):
 
 
 class FrontendProtocolError(VhostUserError):
-    """The frontend broke the vhost-user protocol: drop the connection, keep serving."""
+    """The front-end broke the vhost-user protocol: drop the connection, keep serving."""
 
 
 class ConnectionClosed(VhostUserError):
-    """The frontend closed the socket."""
+    """The front-end closed the socket."""
 
 
 class GuestFault(VhostUserError):

@@ -123,7 +123,7 @@ class Server:
         """Forward a config-space change to the current front-end (False if none took it)."""
         with self._lock:
             conn = self._connection
-        # Not under the lock: the round trip may take the back-end channel's whole timeout,
+        # Not under the lock: the round trip may take the backend channel's whole timeout,
         # and accepting or ending a connection must not wait for it.
         return conn.notify_config_change() if conn is not None else False
 

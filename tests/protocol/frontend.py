@@ -1,10 +1,10 @@
-"""A small vhost-user front-end in Python, enough to drive the back-end like QEMU does.
+"""A small vhost-user front-end in Python, enough to drive the backend like QEMU does.
 
 :class:`Frontend` speaks the protocol over a real Unix socket (``vhost_user.transport`` and
 ``vhost_user.protocol.codec`` do the framing, so a bug there shows up as a round-trip failure rather
 than hiding in a second implementation). :class:`FrontendMemory` is "guest RAM": memfd regions
 at guest addresses with a hole between them, announced with userspace addresses that differ
-from the guest addresses, so a back-end that confuses the two fails.
+from the guest addresses, so a backend that confuses the two fails.
 
 Used by ``tests/protocol``; not part of the package.
 """
@@ -246,7 +246,7 @@ class Frontend:
         os.eventfd_write(self.vrings[index].kick, 1)
 
     def wait_call(self, index: int, timeout: float = 5.0) -> bool:
-        """Wait for the back-end to signal queue ``index``; consume the signal."""
+        """Wait for the backend to signal queue ``index``; consume the signal."""
         fd = self.vrings[index].call
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
@@ -290,7 +290,7 @@ class Frontend:
 
 
 class BackendRefused(Exception):
-    """The back-end answered a REPLY_ACK with a failure status."""
+    """The backend answered a REPLY_ACK with a failure status."""
 
 
 # -- a driver's view of one split ring ---------------------------------------------------------

@@ -1,5 +1,5 @@
 """Hostile front-end messages shared by the connection and server tests: each case sets up
-what it needs, then sends one message the back-end must refuse by dropping the connection."""
+what it needs, then sends one message the backend must refuse by dropping the connection."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """The real ``vhost-user-blk serve`` process, a shadow of its image, and a virtio-blk session.
 
 Used by the hostile end-to-end suites (``test_hostile_guest.py``, ``test_hostile_e2e.py``):
-each hostile frontend or guest runs against what users run (``python -m blkdev.cli serve`` in
+each hostile front-end or guest runs against what users run (``python -m blkdev.cli serve`` in
 a subprocess), then :meth:`ServeProcess.check_healthy` proves the process survived: it is
 alive, logged no crash, holds no leaked fds, serves a fresh well-behaved session on every
 queue, and the image equals the :class:`Shadow` (the known initial pattern plus exactly the
 bytes valid requests wrote).
 
-:class:`BlkSession` is a QEMU-like frontend with memfd guest RAM (``FrontendMemory``: two
+:class:`BlkSession` is a QEMU-like front-end with memfd guest RAM (``FrontendMemory``: two
 regions with a hole between them) and one ``DriverRing`` per queue that the test controls,
 down to raw descriptors. Waiting is polling the used ring, woken by the call eventfd, with
 generous timeouts: a missed interrupt cannot hang a test, a lost request still fails it.
@@ -278,7 +278,7 @@ class Result:
 
 
 class BlkSession:
-    """A QEMU-like frontend plus guest driver for ``queues`` (rings of ``size``)."""
+    """A QEMU-like front-end plus guest driver for ``queues`` (rings of ``size``)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Hostile frontends against the real ``vhost-user-blk serve`` process.
+"""Hostile front-ends against the real ``vhost-user-blk serve`` process.
 
 Every case ends with the fixture's health check (``ServeProcess.check_healthy``): the process
 is alive, logged no crash, holds no fd of the dead connection, serves a fresh session on both
@@ -262,7 +262,7 @@ def test_closed_mid_message(srv: ServeProcess, cut: str) -> None:
 
 @pytest.mark.parametrize("delay", [0.0, 0.002, 0.02])
 def test_frontend_vanishes_with_requests_in_flight(srv: ServeProcess, delay: float) -> None:
-    """A 1 MiB write on queue 0 and 32 small writes on queue 1, then the frontend closes the
+    """A 1 MiB write on queue 0 and 32 small writes on queue 1, then the front-end closes the
     socket and unmaps its memory. The server finishes or drops them; every target sector ends
     old or new, nothing else changes."""
     old = bytes(srv.shadow.data)
@@ -313,7 +313,7 @@ def test_frontend_vanishes_with_requests_in_flight(srv: ServeProcess, delay: flo
 
 
 def test_idle_frontend_holds_the_device_but_does_not_wedge_the_server(srv: ServeProcess) -> None:
-    """One frontend at a time: while one is connected (even silent), a second is turned away
+    """One front-end at a time: while one is connected (even silent), a second is turned away
     at once rather than left hanging; when the first leaves, the next is served."""
     idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     idle.connect(srv.socket)
@@ -335,7 +335,7 @@ def test_idle_frontend_holds_the_device_but_does_not_wedge_the_server(srv: Serve
 
 def test_silent_frontend_is_dropped_after_the_first_message_timeout(srv: ServeProcess) -> None:
     """QEMU speaks first (GET_FEATURES) right after connecting. A peer that connects and says
-    nothing must not keep the device from the next frontend forever."""
+    nothing must not keep the device from the next front-end forever."""
     idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     idle.connect(srv.socket)
     t0 = time.monotonic()
@@ -431,7 +431,7 @@ def test_sigterm_with_requests_in_flight(tmp_path_factory: pytest.TempPathFactor
 
 @pytest.mark.parametrize("how", ["SET_MEM_TABLE", "REM_MEM_REG"])
 def test_ring_memory_pulled_from_under_running_rings(srv: ServeProcess, how: str) -> None:
-    """The frontend takes away the region holding the rings while they run: they stop (no
+    """The front-end takes away the region holding the rings while they run: they stop (no
     crash, nothing served from unmapped memory); when the region comes back they resume and
     serve what the guest queued meanwhile."""
     with BlkSession.open(srv.socket, queues=(0, 1)) as s:
@@ -478,7 +478,7 @@ def test_get_vring_base_returns_every_popped_chain(srv: ServeProcess) -> None:
 
 
 def test_frontend_churns_ring_state_under_io(srv: ServeProcess) -> None:
-    """While the guest streams writes on both queues, the frontend keeps disabling and
+    """While the guest streams writes on both queues, the front-end keeps disabling and
     re-enabling rings and swapping call fds (what QEMU does when the guest masks interrupts).
     Every request completes exactly once, with the right data on disk."""
     rng = random.Random(7)
@@ -547,7 +547,7 @@ ODD_SEQUENCES: dict[str, Callable[[BlkSession], None]] = {
 @pytest.mark.parametrize("case", list(ODD_SEQUENCES), ids=list(ODD_SEQUENCES))
 def test_odd_requests_on_a_running_device(srv: ServeProcess, case: str) -> None:
     """Requests out of QEMU's usual order, on a device with a queue serving I/O: the server
-    may refuse them or go along, but it lives on, and the queue still works or the frontend
+    may refuse them or go along, but it lives on, and the queue still works or the front-end
     is told (dropped)."""
     with BlkSession.open(srv.socket, queues=(0,)) as s:
         hdr = s.header(BIG_AREA[0], VIRTIO_BLK_T_IN, 0)

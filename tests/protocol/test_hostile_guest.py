@@ -1,6 +1,6 @@
 """Hostile guests against the real ``vhost-user-blk serve`` process.
 
-The frontend is well behaved (memfd RAM with a hole, QEMU's setup order); the guest driver is
+The front-end is well behaved (memfd RAM with a hole, QEMU's setup order); the guest driver is
 not: it writes raw descriptor tables and ring contents. After each case:
 
 - a chain the ring walker rejects comes back in the used ring with length 0, IOERR in its
@@ -710,7 +710,7 @@ def test_indices_wrap_around_65535(srv: ServeProcess, event_idx: bool) -> None:
 
 
 def test_no_call_fd(srv: ServeProcess) -> None:
-    """A frontend that polls (SET_VRING_CALL without fd): the queue still works."""
+    """A front-end that polls (SET_VRING_CALL without fd): the queue still works."""
     with BlkSession.open(srv.socket, queues=(0,), size=RING) as s:
         s.fe.call(codec.SetVringCall(0, None))
         for _ in range(3):
@@ -722,7 +722,7 @@ ADJACENT = (
     RegionSpec(1 * MiB, 1 * MiB, 0x7F20_0000_0000, mmap_offset=0x3000),
     RegionSpec(2 * MiB, 2 * MiB, 0x7F10_0000_0000),
 )
-"""Three memfds at adjacent guest addresses (not adjacent in the frontend's address space)."""
+"""Three memfds at adjacent guest addresses (not adjacent in the front-end's address space)."""
 
 
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])

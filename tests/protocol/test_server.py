@@ -223,7 +223,7 @@ def test_serve_with_stop_fd(tmp_path: Path) -> None:
 
 
 def test_unanswered_config_change_does_not_hold_up_the_next_frontend(running: Running) -> None:
-    """notify_config_change waits up to the back-end channel's timeout for the front-end's
+    """notify_config_change waits up to the backend channel's timeout for the front-end's
     answer. If that front-end hangs up meanwhile, its connection ends at once (the wait with
     it), and the next front-end is served without waiting for the timeout."""
     fe = Frontend.connect(running.path)

@@ -121,7 +121,7 @@ def echo(b: Backend, q: int, text: bytes, n: int = 0, *, wait: bool = True) -> i
 
 
 def wait_used(b: Backend, q: int) -> None:
-    """Wait for a used-buffer notification that comes with used entries (the back-end may
+    """Wait for a used-buffer notification that comes with used entries (the backend may
     also signal spuriously, e.g. once on a new call fd)."""
     deadline = time.monotonic() + 5
     while True:
@@ -275,7 +275,7 @@ def test_call_fd_swapped_while_running(backend: Backend) -> None:
     backend.fe.call(codec.SetVringCall(0, new_call))
     backend.fe.vrings[0].call = new_call
     os.close(old)
-    # The back-end signals a new call fd once, like libvhost-user (from the worker, so
+    # The backend signals a new call fd once, like libvhost-user (from the worker, so
     # possibly just after the ack).
     poller = select.poll()
     poller.register(new_call, select.POLLIN)
@@ -330,7 +330,7 @@ def test_notify_config_change_over_backend_channel(backend: Backend) -> None:
 
 def test_unanswered_config_change_does_not_block_the_connection(backend: Backend) -> None:
     """The front-end never answers CONFIG_CHANGE_MSG: meanwhile the connection keeps serving,
-    a new back-end channel is taken at once, and the waiting notification ends with it."""
+    a new backend channel is taken at once, and the waiting notification ends with it."""
     backend.fe.handshake()
     first = backend.fe.backend_channel
     assert first is not None

@@ -130,7 +130,7 @@ def test_any_message_sequence_ends_cleanly(
             try:
                 fe.send_bytes(data, fds)
             except (OSError, ConnectionClosed):
-                break  # the back-end dropped us: that is one of the allowed endings
+                break  # the backend dropped us: that is one of the allowed endings
             finally:
                 for fd in fds:
                     os.close(fd)

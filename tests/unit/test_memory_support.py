@@ -1,6 +1,6 @@
 """A real multi-region guest memory layout and a flat model of it, shared by the memory tests.
 
-Three memfd regions, frontend (user) addresses unrelated to guest addresses, non-zero mmap
+Three memfd regions, front-end (user) addresses unrelated to guest addresses, non-zero mmap
 offsets, a hole between region 0 and region 1, and regions 1 and 2 adjacent in guest space:
 
     gpa 0x00000-0x10000  region 0  file A at 0x2000   uva 0x7f1234500000

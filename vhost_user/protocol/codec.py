@@ -92,7 +92,7 @@ class ProtocolFeature(enum.IntFlag):
 
 
 class Request(enum.IntEnum):
-    """Front-end to back-end request codes."""
+    """Front-end to backend request codes."""
 
     GET_FEATURES = 1
     SET_FEATURES = 2
@@ -141,7 +141,7 @@ SET_SLAVE_REQ_FD = Request.SET_BACKEND_REQ_FD
 
 
 class BackendRequest(enum.IntEnum):
-    """Back-end to front-end request codes (on the SET_BACKEND_REQ_FD channel)."""
+    """Backend to front-end request codes (on the SET_BACKEND_REQ_FD channel)."""
 
     IOTLB_MSG = 1
     CONFIG_CHANGE_MSG = 2
@@ -245,7 +245,7 @@ class AddMemReg(Message):
 
 @dataclass(frozen=True, slots=True)
 class RemMemReg(Message):
-    """``fd`` is the stray fd some front-ends send (spec: the back-end MUST close it unused)."""
+    """``fd`` is the stray fd some front-ends send (spec: the backend MUST close it unused)."""
 
     region: MemRegion
     fd: int | None = None
@@ -378,7 +378,7 @@ class UnknownRequest(Message):
         return self.raw_fds
 
 
-# Back-end channel requests (back-end -> front-end).
+# Backend channel requests (backend -> front-end).
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,7 +576,7 @@ def parse_request(header: Header, payload: bytes, fds: tuple[int, ...] = ()) -> 
         _expect(header, payload, fds, SINGLE_MEMORY_REGION.size, 1)
         return AddMemReg(_region(SINGLE_MEMORY_REGION.unpack(payload)[1:]), fds[0], need_reply=nr)
     if r == Request.REM_MEM_REG:
-        # Spec: "For compatibility with existing incorrect implementations, the back-end MAY
+        # Spec: "For compatibility with existing incorrect implementations, the backend MAY
         # accept messages with one file descriptor" (and must close it unused).
         _expect(header, payload, fds[:1], SINGLE_MEMORY_REGION.size, len(fds[:1]))
         if len(fds) > 1:
@@ -640,7 +640,7 @@ _VRING_FD: dict[int, type[_VringFd]] = {
 
 
 def parse_backend_request(header: Header, payload: bytes, fds: tuple[int, ...] = ()) -> Message:
-    """Decode a back-end channel request (what a front-end receives on SET_BACKEND_REQ_FD)."""
+    """Decode a backend channel request (what a front-end receives on SET_BACKEND_REQ_FD)."""
     if header.is_reply:
         raise FrontendProtocolError(f"backend request {header.request} has the REPLY flag set")
     if len(payload) != header.size:
@@ -654,7 +654,7 @@ def parse_backend_request(header: Header, payload: bytes, fds: tuple[int, ...] =
 
 
 def parse_reply(request: int, header: Header, payload: bytes, fds: tuple[int, ...] = ()) -> Reply:
-    """Decode the reply to ``request`` (front-end side, and back-end channel acks).
+    """Decode the reply to ``request`` (front-end side, and backend channel acks).
 
     ``request`` is the code that was sent; a reply must echo it and carry the REPLY flag.
     A request without a natural reply is answered by REPLY_ACK's u64 status.
