@@ -82,7 +82,7 @@ class BlkDevice:
         self._id = vb.id_bytes(serial)
         self._discard = disk.supports_discard and not self._read_only
         self._write_zeroes = disk.supports_write_zeroes and not self._read_only
-        granularity = int(getattr(disk, "discard_granularity", 4096))
+        granularity = disk.discard_granularity
         self._config = vb.BlkConfig(
             capacity=disk.size // vb.SECTOR_SIZE,
             size_max=SIZE_MAX,

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "image opened",
         image=args.image,
-        format=getattr(disk, "format_name", args.format),
+        format=disk.format_name,
         size=disk.size,
         read_only=disk.read_only,
     )

@@ -1,7 +1,9 @@
-"""The disk interface every image format implements (raw, qcow-lite).
+"""The disk interface every image format implements (raw, qcow-lite; later remote disks).
 
-The virtio-blk layer (``blkdev.virtio_blk``) checks every request against :attr:`Disk.size`
-before calling in, so a disk may treat an out-of-range offset as a caller bug (``ValueError``).
+Validation is layered, and each layer owns its own. The virtio-blk device checks every request
+against :attr:`Disk.size` first, because a request out of range is the *guest's* fault (status
+IOERR). A disk checks again, because it must never write outside its image whoever calls it; an
+out-of-range offset reaching a disk is then a caller bug, ``ValueError`` (local misuse).
 Offsets and lengths are in bytes and multiples of :data:`SECTOR_SIZE`.
 
 Data moves straight between the image and the guest's pages: ``read`` fills ``buffers``
@@ -28,6 +30,17 @@ SECTOR_SIZE = 512
 
 
 class Disk(Protocol):
+    @property
+    def format_name(self) -> str:
+        """The format served (``"raw"``, ``"qcow2"``): a row of ``blkdev.disks.registry``."""
+        ...
+
+    @property
+    def discard_granularity(self) -> int:
+        """Bytes a discard should cover to free anything (a power of two >= SECTOR_SIZE): the
+        guest learns it as ``discard_sector_alignment``."""
+        ...
+
     @property
     def size(self) -> int:
         """Virtual size in bytes (a multiple of SECTOR_SIZE)."""

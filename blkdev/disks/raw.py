@@ -50,6 +50,8 @@ class RawDisk:
     """A raw image. Use :meth:`open`."""
 
     format_name: Final = "raw"
+    discard_granularity: Final = 4096
+    """Hole punching frees whole file-system blocks (4 KiB on ext4 and xfs)."""
 
     def __init__(
         self,

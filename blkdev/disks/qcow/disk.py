@@ -161,6 +161,9 @@ class QcowDisk:
     """A qcow2 image. Use :meth:`open`."""
 
     format_name: Final = "qcow2"
+    discard_granularity: Final = 4096
+    """What the guest is told (as QEMU tells it for qcow2). A discard frees only the clusters it
+    covers whole and ignores the rest, which discard's advisory meaning allows."""
 
     def __init__(
         self,
