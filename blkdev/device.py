@@ -19,6 +19,7 @@ renegotiations (backend reconnections), since QEMU does not replay it.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Final
 
@@ -27,6 +28,7 @@ import structlog
 from blkdev import virtio_blk as vb
 from blkdev.disks.disk import Disk
 from blkdev.errors import BlkdevError
+from blkdev.stats import DeviceStats, RequestType, request_type
 from memory import AccessError, GuestMemory, GuestMemoryError, request_buffers_from_buffers
 from vhost_user.ring.chain import DescriptorChain
 from vhost_user.ring.features import (
@@ -111,6 +113,8 @@ class BlkDevice:
         # the guest's writes volatile.
         self._wce = True
         self._writeback = True
+        #: Per-queue request statistics (``blkdev.stats``), for the control socket and metrics.
+        self.stats = DeviceStats(num_queues)
 
     # -- VhostUserDevice -------------------------------------------------------------------
 
@@ -181,27 +185,55 @@ class BlkDevice:
         self._flush_logged("quiesce")
 
     def handle_chain(self, queue_index: int, memory: GuestMemory, chain: DescriptorChain) -> int:
-        if chain.fault is not None:
-            log.debug(
-                "guest fault in chain", queue=queue_index, head=chain.head, fault=str(chain.fault)
-            )
-            # Only a complete chain's last descriptor is known to be the status buffer (the
-            # last non-empty one, as split_chain sees it: a zero-length tail is the fault).
-            if chain.complete:
-                status = vb.split_chain(chain.descriptors).status
-                if status is not None:
-                    self._write_status(memory, status, vb.VIRTIO_BLK_S_IOERR)
-            return 0
-        layout = vb.split_chain(chain.descriptors)
-        if layout.status is None:
-            log.debug("chain has no status byte", queue=queue_index, head=chain.head)
-            return 0
-        status, written = self._serve(memory, layout)
-        if not self._write_status(memory, layout.status, status):
-            return 0
-        return written + 1
+        # Recorded without a lock: only this queue's worker writes its counters (blkdev.stats).
+        stats = self.stats.queues[queue_index]
+        started = stats.begin()
+        kind, status, data_bytes = RequestType.INVALID, vb.VIRTIO_BLK_S_IOERR, 0
+        try:
+            if chain.fault is not None:
+                log.debug(
+                    "guest fault in chain",
+                    queue=queue_index,
+                    head=chain.head,
+                    fault=str(chain.fault),
+                )
+                # Only a complete chain's last descriptor is known to be the status buffer (the
+                # last non-empty one, as split_chain sees it: a zero-length tail is the fault).
+                if chain.complete:
+                    status_gpa = vb.split_chain(chain.descriptors).status
+                    if status_gpa is not None:
+                        self._write_status(memory, status_gpa, vb.VIRTIO_BLK_S_IOERR)
+                return 0
+            layout = vb.split_chain(chain.descriptors)
+            if layout.status is None:
+                log.debug("chain has no status byte", queue=queue_index, head=chain.head)
+                return 0
+            kind, status, written, data_bytes = self._serve(memory, layout)
+            if not self._write_status(memory, layout.status, status):
+                return 0
+            return written + 1
+        finally:
+            stats.end(started, kind, status, data_bytes)
 
     # -- internals -------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """The size the guest is told, in bytes (config ``capacity``)."""
+        return self._config.capacity * vb.SECTOR_SIZE
+
+    def set_capacity(self, size: int) -> bool:
+        """Tell the guest ``size`` bytes (rounded down to whole sectors) from the next config
+        read, and check requests against it from the next request on; True if it changed.
+        The caller then sends the front-end a config change (``blkdev.resize``)."""
+        sectors = size // vb.SECTOR_SIZE
+        with self._state_lock:
+            if sectors == self._config.capacity:
+                return False
+            self._config = dataclasses.replace(self._config, capacity=sectors)
+            self._limits = self._make_limits(self._acked)
+        log.info("capacity changed", sectors=sectors)
+        return True
 
     def _config_bytes(self) -> bytes:
         raw = bytearray(self._config.pack())
@@ -260,37 +292,42 @@ class BlkDevice:
         """Write ``data`` over ``segments`` (which hold at least that many bytes)."""
         request_buffers_from_buffers(memory, list(segments), True).writer().write(data)
 
-    def _serve(self, memory: GuestMemory, layout: vb.ChainLayout) -> tuple[int, int]:
-        """Execute one request: (status, data bytes written to guest memory)."""
+    def _serve(
+        self, memory: GuestMemory, layout: vb.ChainLayout
+    ) -> tuple[RequestType, int, int, int]:
+        """Execute one request: (its type, status, bytes written to guest memory, data bytes
+        moved between disk and guest for the statistics)."""
         limits = self._limits
+        kind = RequestType.INVALID
         try:
             if layout.header_length < vb.REQUEST_HEADER.size:
-                return vb.VIRTIO_BLK_S_IOERR, 0
+                return kind, vb.VIRTIO_BLK_S_IOERR, 0, 0
             header = vb.decode_header(self._read(memory, layout.header))
+            kind = request_type(header.type)
             plan = vb.plan_request(header, layout, limits)
             if isinstance(plan, vb.Fail):
-                return plan.status, 0
+                return kind, plan.status, 0, 0
             if isinstance(plan, vb.Read):
                 if plan.length:
                     buffers = request_buffers_from_buffers(memory, list(plan.segments), True)
                     self._disk.read(plan.offset, buffers)
-                return vb.VIRTIO_BLK_S_OK, plan.length
+                return kind, vb.VIRTIO_BLK_S_OK, plan.length, plan.length
             if isinstance(plan, vb.Write):
                 if plan.length:
                     buffers = request_buffers_from_buffers(memory, list(plan.segments), False)
                     self._disk.write(plan.offset, buffers)
                     self._after_write()
-                return vb.VIRTIO_BLK_S_OK, 0
+                return kind, vb.VIRTIO_BLK_S_OK, 0, plan.length
             if isinstance(plan, vb.Flush):
                 if not self._read_only:
                     self._disk.flush()
-                return vb.VIRTIO_BLK_S_OK, 0
+                return kind, vb.VIRTIO_BLK_S_OK, 0, 0
             if isinstance(plan, vb.GetId):
                 self._write(memory, plan.segments, self._id[: plan.length])
-                return vb.VIRTIO_BLK_S_OK, plan.length
+                return kind, vb.VIRTIO_BLK_S_OK, plan.length, 0
             ranges = vb.decode_segments(plan.type, self._read(memory, plan.segments), limits)
             if isinstance(ranges, vb.Fail):
-                return ranges.status, 0
+                return kind, ranges.status, 0, 0
             for r in ranges:
                 if plan.type == vb.VIRTIO_BLK_T_DISCARD:
                     self._disk.discard(r.offset, r.length)
@@ -298,10 +335,10 @@ class BlkDevice:
                     self._disk.write_zeroes(r.offset, r.length, r.unmap)
             if ranges:
                 self._after_write()
-            return vb.VIRTIO_BLK_S_OK, 0
+            return kind, vb.VIRTIO_BLK_S_OK, 0, 0
         except _IO_FAILURES as e:
             log.debug("request failed", error=str(e))
-            return vb.VIRTIO_BLK_S_IOERR, 0
+            return kind, vb.VIRTIO_BLK_S_IOERR, 0, 0
 
     def _after_write(self) -> None:
         if not self._writeback:

@@ -108,7 +108,7 @@ def tail(path: Path, lines: int = 40) -> str:
 
 def ours_command(
     *,
-    socket: Path,
+    socket: Path | None,
     image: Path,
     fmt: str = "auto",
     read_only: bool = False,
@@ -116,16 +116,17 @@ def ours_command(
     serial: str | None = None,
     log_level: str = "info",
     log_format: str = "json",
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     """``vhost-user-blk serve ...``: the installed console script if there is one beside this
-    interpreter, otherwise ``python -m blkdev.cli``."""
+    interpreter, otherwise ``python -m blkdev.cli``. No ``--socket`` when ``socket`` is None
+    (socket activation)."""
     script = Path(sys.executable).parent / "vhost-user-blk"
     base = [str(script)] if script.exists() else [sys.executable, "-m", "blkdev.cli"]
     argv = [
         *base,
         "serve",
-        "--socket",
-        str(socket),
+        *(["--socket", str(socket)] if socket is not None else []),
         "--image",
         str(image),
         "--format",
@@ -141,7 +142,7 @@ def ours_command(
         argv.append("--read-only")
     if serial is not None:
         argv += ["--serial", serial]
-    return argv
+    return [*argv, *extra_args]
 
 
 def qsd_command(
@@ -154,6 +155,7 @@ def qsd_command(
     serial: str | None = None,
     log_level: str = "info",
     log_format: str = "json",
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The reference backend: ``qemu-storage-daemon`` exporting ``image`` over vhost-user-blk.
     (``serial``, ``log_*`` have no equivalent and are ignored.)"""
@@ -235,18 +237,26 @@ def start_backend(
     serial: str | None = None,
     log_level: str = "info",
     startup_timeout: float = 30.0,
+    extra_args: Sequence[str] = (),
+    launcher: Sequence[str] = (),
+    socket_option: bool = True,
 ) -> Backend:
-    """Start a backend and wait until its listening socket exists."""
+    """Start a backend and wait until its listening socket exists. ``extra_args`` go to
+    ours only (``serve`` options such as ``--control``); ``launcher`` is a command line that
+    runs ours (``systemd-socket-activate -l SOCKET ...``), which then gets ``--socket`` only
+    if ``socket_option``."""
     if kind == "ours":
         argv = ours_command(
-            socket=socket,
+            socket=socket if socket_option else None,
             image=image,
             fmt=fmt,
             read_only=read_only,
             num_queues=num_queues,
             serial=serial,
             log_level=log_level,
+            extra_args=extra_args,
         )
+        argv = [*launcher, *argv]
     else:
         qfmt = fmt
         if fmt == "auto":

@@ -13,6 +13,11 @@ views, so a region closed while locked stays mapped until the lock is released: 
 *deferred*, never refused, and never raises ``BufferError``. The same holds for ``view()``s a
 ring keeps across a memory-table change.
 
+Writes. Every store into guest memory made here is reported to the memory's ``WriteTracker``
+(``writes``), the choke point dirty logging hooks into (``memory.write_tracker``). Paged access
+goes through ``resolve``: guest pieces become a ``HostRange`` once, and the request buffers read,
+write and lock through it, so their stores are reported here too.
+
 Validation stops a front-end from making the backend map past the end of a file (any access
 there is SIGBUS). A front-end that shrinks the file *after* the table was accepted could still
 do that, and nothing here can catch SIGBUS in Python. So a memfd that allows sealing is sealed
@@ -35,6 +40,7 @@ from typing import Final, NamedTuple
 
 from memory.errors import GuestMemoryError, GuestMemoryErrorKind
 from memory.shared import words
+from memory.write_tracker import WriteTracker
 
 PAGE_SIZE: Final = 4096
 PAGE_SHIFT: Final = 12
@@ -81,9 +87,6 @@ def _items(e: _Mapped, size: int) -> memoryview:
     """``e``'s mapping as items of ``size`` bytes (2, 4 or 8)."""
     return e.w16 if size == 2 else e.w32 if size == 4 else e.w64
 
-
-# One resolved piece of an access: (region, mmap offset, length).
-Segment = tuple[_Mapped, int, int]
 
 _EMPTY_LUT: Final[tuple[list[int], tuple[_Mapped, ...]]] = ([], ())
 
@@ -162,7 +165,7 @@ def _seal_against_shrinking(fd: int) -> None:
 class GuestMemory:
     """Guest physical memory built from vhost-user regions (or allocated, for tests)."""
 
-    __slots__ = ("__weakref__", "_closed", "_lut", "_regions", "_uva")
+    __slots__ = ("__weakref__", "_closed", "_lut", "_regions", "_uva", "_writes")
 
     def __init__(
         self, regions: Iterable[MemoryRegion], maps: Sequence[mmap.mmap], deltas: Sequence[int]
@@ -197,6 +200,7 @@ class GuestMemory:
             for r in self._regions
         )
         self._closed = False
+        self._writes = WriteTracker()
 
     # -- construction ---------------------------------------------------------------------
 
@@ -278,6 +282,11 @@ class GuestMemory:
         """The memory table this was built from, in the order given."""
         return self._regions
 
+    @property
+    def writes(self) -> WriteTracker:
+        """Where every write into this memory is reported (``memory.write_tracker``)."""
+        return self._writes
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._regions)} regions"
         return f"<GuestMemory {state}>"
@@ -327,9 +336,16 @@ class GuestMemory:
             return
         e, off = self._find(gpa, n)
         e.mm[off : off + n] = data
+        writes = self._writes
+        if writes.active:
+            writes.note(gpa, n)
 
     def view(self, gpa: int, n: int, writable: bool = False) -> memoryview:
-        """A memoryview aliasing ``[gpa, gpa+n)`` inside one region (read-only unless asked)."""
+        """A memoryview aliasing ``[gpa, gpa+n)`` inside one region (read-only unless asked).
+
+        Stores through a writable view bypass the write choke point: whoever makes them
+        reports each one to ``writes`` by guest address (the split ring does).
+        """
         if n < 0:
             raise ValueError(f"negative length {n}")
         if n == 0:
@@ -374,6 +390,9 @@ class GuestMemory:
             e.mm[off : off + size] = value.to_bytes(size, "little")
         else:
             _items(e, size)[off // size] = value
+        writes = self._writes
+        if writes.active:
+            writes.note(gpa, size)
 
     def host_aligned(self, gpa: int, align: int) -> bool:
         """Whether mapped guest address ``gpa`` lies at a host address that is a multiple of
@@ -404,21 +423,32 @@ class GuestMemory:
             length,
         )
 
-    # -- paged access (used by PagedRange / RequestBuffers) -------------------------------
+    # -- paged access (used by RequestBuffers) ---------------------------------------------
 
-    def _resolve(self, pieces: Iterable[tuple[int, int]]) -> list[Segment]:
-        """Map guest-contiguous ``(gpa, length)`` pieces to segments, each inside one region.
+    def resolve(self, pieces: Sequence[tuple[int, int]]) -> HostRange:
+        """Guest-contiguous ``(gpa, length)`` pieces (each length > 0), in order, resolved to
+        host memory once: the bytes of a ``HostRange`` are the pieces' bytes, concatenated.
 
         A piece may run across adjacent regions; it is then split. Raises GuestMemoryError at
-        the first byte that is not guest memory, before anything is accessed.
+        the first byte that is not guest memory (kind CLOSED once closed), before anything is
+        accessed.
         """
         starts, entries = self._lut
-        out: list[Segment] = []
-        append = out.append
+        if len(pieces) == 1:
+            # The common case: one piece inside one region.
+            gpa, n = pieces[0]
+            i = bisect_right(starts, gpa) - 1
+            if i >= 0:
+                only = entries[i]
+                if gpa + n <= only.end:
+                    return HostRange(self, ((i, gpa - only.bias, n, gpa),), None)
+        segs: list[_HostSegment] = []
+        append = segs.append
+        i = 0
         e = entries[0] if entries else None
         for gpa, n in pieces:
             if e is not None and e.start <= gpa and gpa + n <= e.end:
-                append((e, gpa - e.bias, n))
+                append((i, gpa - e.bias, n, gpa))
                 continue
             while True:
                 i = bisect_right(starts, gpa) - 1
@@ -429,31 +459,143 @@ class GuestMemory:
                 if avail <= 0:
                     raise self._fault(gpa, n)
                 if n <= avail:
-                    append((e, gpa - e.bias, n))
+                    append((i, gpa - e.bias, n, gpa))
                     break
-                append((e, gpa - e.bias, avail))
+                append((i, gpa - e.bias, avail, gpa))
                 gpa += avail
                 n -= avail
+        if len(segs) == 1:
+            return HostRange(self, segs, None)
+        flat = []
+        total = 0
+        for seg in segs:
+            flat.append(total)
+            total += seg[2]
+        return HostRange(self, segs, flat)
+
+
+# A resolved piece: (index in the sorted region table, mmap offset, length, guest address).
+_HostSegment = tuple[int, int, int, int]
+# A piece of an access: (region, mmap offset, length, guest address).
+_Piece = tuple[_Mapped, int, int, int]
+
+
+class HostRange:
+    """Guest bytes resolved to places in a ``GuestMemory``'s mappings (``GuestMemory.resolve``).
+
+    Positions are offsets into the concatenated bytes, ``0 <= pos`` and ``pos + n <= len()``
+    (the caller's bounds, n > 0; nothing here re-checks them). It keeps region *indices*, never
+    the mappings, so it does not keep a region mapped after ``close()``; every access after
+    close raises GuestMemoryError of kind CLOSED, as a fresh ``resolve`` would. Stores are
+    reported to the memory's ``WriteTracker`` (``writes``) after they are made; a writable
+    lock's holder calls ``note_written`` once its I/O is done.
+    """
+
+    __slots__ = ("_mem", "_segs", "_starts", "writes")
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        segs: Sequence[_HostSegment],
+        starts: list[int] | None,
+    ) -> None:
+        """Internal: use :meth:`GuestMemory.resolve`. ``starts``: where each segment begins
+        in the concatenated bytes (None for one segment)."""
+        self._mem = mem
+        self._segs = segs
+        self._starts = starts
+        self.writes = mem._writes
+
+    def __len__(self) -> int:
+        return sum(seg[2] for seg in self._segs)
+
+    def _pieces(self, pos: int, n: int) -> list[_Piece]:
+        """Bytes ``[pos, pos+n)`` (n > 0) as (region, mmap offset, length, gpa) pieces."""
+        entries = self._mem._lut[1]
+        segs = self._segs
+        if len(segs) == 1:
+            i, off, _, gpa = segs[0]
+            if entries:
+                return [(entries[i], off + pos, n, gpa + pos)]
+            raise self._mem._fault(gpa + pos, n)
+        starts = self._starts
+        assert starts is not None
+        k = bisect_right(starts, pos) - 1
+        skip = pos - starts[k]
+        if not entries:
+            raise self._mem._fault(segs[k][3] + skip, n)
+        out: list[_Piece] = []
+        while n:
+            i, off, ln, gpa = segs[k]
+            take = min(n, ln - skip)
+            out.append((entries[i], off + skip, take, gpa + skip))
+            n -= take
+            skip = 0
+            k += 1
         return out
 
-    def _views(self, pieces: Sequence[tuple[int, int]], writable: bool) -> list[memoryview]:
-        """Like ``_resolve`` but straight to memoryviews (the lock fast path)."""
-        starts, entries = self._lut
-        out: list[memoryview] = []
-        append = out.append
-        start = end = bias = 0
-        base: memoryview | None = None
-        for gpa, n in pieces:
-            if base is None or gpa < start or gpa + n > end:
-                i = bisect_right(starts, gpa) - 1
-                if i < 0 or gpa + n > entries[i].end:
-                    # Not inside one region: split across adjacent regions, or raise.
-                    return [
-                        (e.rw if writable else e.ro)[off : off + ln]
-                        for e, off, ln in self._resolve(pieces)
-                    ]
-                e = entries[i]
-                start, end, bias, base = e.start, e.end, e.bias, (e.rw if writable else e.ro)
-            off = gpa - bias
-            append(base[off : off + n])
-        return out
+    def read(self, pos: int, n: int) -> bytes:
+        """A copy of bytes ``[pos, pos+n)``."""
+        pieces = self._pieces(pos, n)
+        if len(pieces) == 1:
+            e, off, ln, _ = pieces[0]
+            return e.mm[off : off + ln]
+        return b"".join([e.mm[off : off + ln] for e, off, ln, _ in pieces])
+
+    def readinto(self, pos: int, dst: memoryview) -> None:
+        """Copy bytes ``[pos, pos+len(dst))`` into the byte view ``dst``."""
+        p = 0
+        for e, off, ln, _ in self._pieces(pos, dst.nbytes):
+            dst[p : p + ln] = e.ro[off : off + ln]
+            p += ln
+
+    def write(self, pos: int, src: memoryview) -> None:
+        """Copy the byte view ``src`` over bytes ``[pos, pos+len(src))``; reports them."""
+        pieces = self._pieces(pos, src.nbytes)
+        p = 0
+        for e, off, ln, _ in pieces:
+            e.rw[off : off + ln] = src[p : p + ln]
+            p += ln
+        writes = self.writes
+        if writes.active:
+            for _, _, ln, gpa in pieces:
+                writes.note(gpa, ln)
+
+    def fill(self, pos: int, chunk: bytes, n: int) -> None:
+        """Store ``n`` bytes at ``pos``, repeating ``chunk`` (a run of one byte value, at least
+        as long as any piece or repeated); reports them."""
+        pieces = self._pieces(pos, n)
+        size = len(chunk)
+        for e, off, ln, _ in pieces:
+            end = off + ln
+            while off < end:
+                step = min(end - off, size)
+                e.mm[off : off + step] = chunk if step == size else chunk[:step]
+                off += step
+        writes = self.writes
+        if writes.active:
+            for _, _, ln, gpa in pieces:
+                writes.note(gpa, ln)
+
+    def views(self, writable: bool) -> list[memoryview]:
+        """All the bytes as memoryviews, one per segment (read-only unless ``writable``).
+
+        Stores through writable views are the caller's to report (``note_written``).
+        """
+        entries = self._mem._lut[1]
+        segs = self._segs
+        if not entries:
+            raise self._mem._fault(segs[0][3], segs[0][2])
+        if len(segs) == 1:
+            i, off, n, _ = segs[0]
+            e = entries[i]
+            return [(e.rw if writable else e.ro)[off : off + n]]
+        if writable:
+            return [entries[i].rw[off : off + n] for i, off, n, _ in self._segs]
+        return [entries[i].ro[off : off + n] for i, off, n, _ in self._segs]
+
+    def note_written(self) -> None:
+        """Report all the bytes written (after I/O through writable ``views``)."""
+        writes = self.writes
+        for _, _, n, gpa in self._segs:
+            writes.note(gpa, n)

@@ -161,6 +161,27 @@ class PagedRange:
         out[-1] = (out[-1][0], end - rs[k1 - 1])
         return out
 
+    def pieces(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
+        """Bytes ``[offset, offset+length)`` of the range (all of it by default) as maximal
+        guest-contiguous ``(gpa, length)`` pieces, in order; none when that is empty.
+
+        Unlike ``ranges()`` the page numbers are not checked: this is what
+        ``GuestMemory.resolve`` takes, and it faults any piece that is not guest memory.
+        """
+        size = self._end - self._start
+        if length is None:
+            if offset == 0:
+                if len(self._rs) == 1:
+                    return [(self._rg[0] + self._start, size)] if size else []
+                return self._pieces(self._start, self._end) if size else []
+            length = size - offset
+        if not (0 <= offset <= size and 0 <= length <= size - offset):
+            raise ValueError(f"invalid pieces: {offset} + {length} > {size}")
+        if length == 0:
+            return []
+        start = self._start + offset
+        return self._pieces(start, start + length)
+
     def ranges(self) -> list[AddressRange]:
         """The range as maximal runs of guest-contiguous bytes.
 

@@ -1,20 +1,17 @@
 """The backend side of one vhost-user connection: a state machine driven by one thread.
 
 :class:`Connection` reads front-end requests (:meth:`Connection.handle_message` handles
-exactly one), keeps the negotiated features, the guest memory map and the vring states, and
-starts a :class:`~vhost_user.queue_worker.QueueWorker` thread per ring that may run. Anything
-the front-end gets wrong is a :class:`~vhost_user.errors.FrontendProtocolError`: the front-end
-gets a failure status if it asked for one (REPLY_ACK), then the caller drops the connection.
+exactly one) and hands each to its handler through one table, message class to bound method,
+one handler per message (the shape of rust-vmm's ``VhostUserBackendReqHandler``). It keeps the
+negotiated features and the memory table itself; the vrings and their queue workers are
+``vhost_user.vring``'s, the back-end channel ``vhost_user.backend_channel``'s.
 
-Ring life cycle (vhost-user spec, "Ring states"): a ring runs once it has a size, addresses, a
-kick eventfd and memory, and is enabled. With ``VHOST_USER_F_PROTOCOL_FEATURES`` negotiated
-rings start disabled until ``SET_VRING_ENABLE 1``; without it they are enabled from the start.
-A new worker looks at the ring once, then on every kick: the spec's "start the ring upon
-receiving a kick" keeps a backend off a ring the front-end is still setting up, and the kick fd
-is the last piece of that setup; the first look also re-arms notifications a previous worker
-may have left suppressed (then the driver would never kick).
-``GET_VRING_BASE`` stops the ring: its worker finishes the request in progress, and the reply
-carries the index of the next available entry, the exact point to resume from.
+Blame: anything the front-end gets wrong is a :class:`~vhost_user.errors.FrontendProtocolError`:
+the front-end gets a failure status if it asked for one (REPLY_ACK), then the caller drops the
+connection. Handlers check what the front-end sent before acting on it; a ``ValueError`` or
+``TypeError`` out of a handler is a bug of ours, never blamed on the front-end: it gets the
+same failure status, and the exception propagates (the server logs it and drops the
+connection).
 
 fd ownership: a message's fds belong to the connection once received. Handlers *keep* the ones
 they store (region fds, kick/call/err eventfds, the backend channel); every other fd of the
@@ -26,22 +23,24 @@ from __future__ import annotations
 
 import itertools
 import socket
-import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 import structlog
 
 from memory import GuestMemory, GuestMemoryError, MemoryRegion
 from vhost_user import eventfd
+from vhost_user.backend_channel import BackendChannel
 from vhost_user.device import VhostUserDevice
-from vhost_user.errors import ConnectionClosed, FrontendProtocolError, GuestFault
+from vhost_user.errors import ConnectionClosed, FrontendProtocolError
 from vhost_user.protocol import codec
 from vhost_user.protocol.codec import ProtocolFeature as PF
-from vhost_user.queue_worker import QueueWorker, WorkerStuck
-from vhost_user.ring.features import VIRTIO_RING_F_EVENT_IDX, has
 from vhost_user.ring.split import SplitVirtqueue
 from vhost_user.ring.virtqueue import VirtqueueFactory
 from vhost_user.transport import Transport, close_fds
+from vhost_user.vring import Vring, Vrings, ring_lengths
+
+__all__ = ["MAX_MEM_SLOTS", "OFFERED_PROTOCOL_FEATURES", "Connection", "ring_lengths"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,41 +49,21 @@ OFFERED_PROTOCOL_FEATURES = (
 )
 MAX_MEM_SLOTS = 32
 """GET_MAX_MEM_SLOTS: regions the front-end may add with ADD_MEM_REG (libvhost-user's value)."""
-MAX_SPLIT_RING_INDEX = 0xFFFF
-BACKEND_REPLY_TIMEOUT = 5.0
+CONFIG_SPACE_LIMIT = 4096
+"""The config space a device answers for (``VhostUserDevice.read_config``); GET_CONFIG and
+SET_CONFIG past it are the front-end's error."""
 
 _connection_ids = itertools.count(1)
 
-
-def _shut_down(transport: Transport) -> None:
-    """End any wait on ``transport``'s socket in another thread (before closing it)."""
-    try:
-        transport.sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+_M = TypeVar("_M", bound=codec.Message)
+_Handler = Callable[[codec.Message], codec.Reply | None]
 
 
-def ring_lengths(num: int) -> tuple[int, int, int]:
-    """Bytes of a split ring's descriptor table, available ring and used ring for ``num``
-    entries, including the event-index words (virtio 1.2, 2.7.2)."""
-    return 16 * num, 6 + 2 * num, 6 + 8 * num
-
-
-@dataclass
-class _Ring:
-    index: int
-    num: int = 0
-    next_avail: int = 0
-    used_idx: int | None = None
-    addr: codec.SetVringAddr | None = None
-    kick_fd: int | None = None
-    call_fd: int | None = None
-    err_fd: int | None = None
-    enabled: bool = False
-    broken: bool = False
-    """Its worker gave up (guest fault or device error); cleared when the front-end
-    reconfigures the ring."""
-    worker: QueueWorker | None = None
+def _on(
+    kind: type[_M], handler: Callable[[_M], codec.Reply | None]
+) -> tuple[type[codec.Message], _Handler]:
+    """One entry of the dispatch table (mypy checks that ``handler`` takes a ``kind``)."""
+    return kind, cast(_Handler, handler)
 
 
 class Connection:
@@ -100,7 +79,6 @@ class Connection:
         virtqueue_factory: VirtqueueFactory = SplitVirtqueue,
     ) -> None:
         self.id = next(_connection_ids)
-        self._virtqueue_factory = virtqueue_factory
         self.log = log.bind(conn=self.id)
         self.device = device
         self.transport = Transport(sock, message_timeout=message_timeout)
@@ -109,13 +87,41 @@ class Connection:
         self.owner = False
         self.memory: GuestMemory | None = None
         self.regions: list[MemoryRegion] = []
-        self.rings = [_Ring(i) for i in range(device.num_queues)]
+        self.vrings = Vrings(device, virtqueue_factory, self.log)
+        self._backend = BackendChannel(self.log)
         self._kept: set[int] = set()
-        self._backend: Transport | None = None
-        self._backend_lock = threading.Lock()
-        self._notify_lock = threading.Lock()  # one config-change round trip at a time
         self._closed = False
-        self._ran_since_quiesce = False
+        self._handlers: dict[type[codec.Message], _Handler] = dict(
+            [
+                _on(codec.GetFeatures, self._get_features),
+                _on(codec.SetFeatures, self._set_features),
+                _on(codec.GetProtocolFeatures, self._get_protocol_features),
+                _on(codec.SetProtocolFeatures, self._set_protocol_features),
+                _on(codec.SetOwner, self._set_owner),
+                _on(codec.ResetOwner, self._reset_owner),
+                _on(codec.SetMemTable, self._set_mem_table),
+                _on(codec.GetMaxMemSlots, self._get_max_mem_slots),
+                _on(codec.AddMemReg, self._add_mem_reg),
+                _on(codec.RemMemReg, self._rem_mem_reg),
+                _on(codec.SetVringNum, self._set_vring_num),
+                _on(codec.SetVringAddr, self._set_vring_addr),
+                _on(codec.SetVringBase, self._set_vring_base),
+                _on(codec.GetVringBase, self._get_vring_base),
+                _on(codec.SetVringKick, self._set_vring_kick),
+                _on(codec.SetVringCall, self._set_vring_call),
+                _on(codec.SetVringErr, self._set_vring_err),
+                _on(codec.SetVringEnable, self._set_vring_enable),
+                _on(codec.GetQueueNum, self._get_queue_num),
+                _on(codec.GetConfig, self._get_config),
+                _on(codec.SetConfig, self._set_config),
+                _on(codec.SetBackendReqFd, self._set_backend_req_fd),
+            ]
+        )
+
+    @property
+    def rings(self) -> list[Vring]:
+        """The vrings, one per queue of the device."""
+        return self.vrings.rings
 
     def fileno(self) -> int:
         return self.transport.fileno()
@@ -138,7 +144,8 @@ class Connection:
             self.close()
 
     def handle_message(self) -> None:
-        """Receive and handle one request; raises ConnectionClosed or FrontendProtocolError."""
+        """Receive and handle one request; raises ConnectionClosed or FrontendProtocolError
+        (anything else is a bug of ours)."""
         header, payload, fds = self.transport.receive_raw()
         try:
             msg = codec.parse_request(header, payload, fds)
@@ -150,15 +157,18 @@ class Connection:
             raise
         code = codec.request_code(msg)
         self.log.debug("request", message=type(msg).__name__, need_reply=msg.need_reply)
+        handler = self._handlers.get(type(msg), self._unsupported)
         self._kept = set()
         try:
-            reply = self._dispatch(msg)
-        except FrontendProtocolError:
-            self._reply_failure(code, msg.need_reply)
-            raise
-        except (GuestMemoryError, ValueError, OSError) as exc:
+            reply = handler(msg)
+        except (GuestMemoryError, OSError) as exc:
             self._reply_failure(code, msg.need_reply)
             raise FrontendProtocolError(f"{type(msg).__name__}: {exc}") from exc
+        except Exception:
+            # The front-end's error, or a bug of ours (which propagates as it is): either way
+            # the front-end hears that this request failed before the connection is dropped.
+            self._reply_failure(code, msg.need_reply)
+            raise
         finally:
             close_fds([fd for fd in msg.fds if fd not in self._kept])
         if reply is not None:
@@ -187,160 +197,91 @@ class Connection:
         self._kept.add(fd)
         return fd
 
-    def _ring(self, index: int) -> _Ring:
-        if not 0 <= index < len(self.rings):
+    def _eventfd(self, fd: int | None, what: str) -> int | None:
+        """``fd`` checked (a plain eventfd) and kept, or None (the spec's invalid-FD flag)."""
+        return None if fd is None else self._keep(eventfd.check(fd, what))
+
+    def _unsupported(self, msg: codec.Message) -> None:
+        raise FrontendProtocolError(
+            f"unsupported request {codec.request_code(msg)} ({type(msg).__name__})"
+        )
+
+    # -- features and ownership ----------------------------------------------------------------
+
+    def _offered_features(self) -> int:
+        return self.device.device_features() | codec.VHOST_USER_F_PROTOCOL_FEATURES
+
+    def _get_features(self, msg: codec.GetFeatures) -> codec.U64Reply:
+        return codec.U64Reply(codec.Request.GET_FEATURES, self._offered_features())
+
+    def _set_features(self, msg: codec.SetFeatures) -> None:
+        offered = self._offered_features()
+        if msg.features & ~offered:
             raise FrontendProtocolError(
-                f"vring index {index} out of range (device has {len(self.rings)} queues)"
+                f"features {msg.features:#x} include ones never offered ({offered:#x})"
             )
-        return self.rings[index]
+        self.acked_features = msg.features
+        self.device.set_acked_features(msg.features & ~codec.VHOST_USER_F_PROTOCOL_FEATURES)
+        self.vrings.set_features(msg.features)
+        self.log.info("features acked", features=hex(msg.features))
 
-    def _dispatch(self, msg: codec.Message) -> codec.Reply | None:
-        match msg:
-            case codec.GetFeatures():
-                features = self.device.device_features() | codec.VHOST_USER_F_PROTOCOL_FEATURES
-                return codec.U64Reply(codec.Request.GET_FEATURES, features)
-            case codec.SetFeatures(features=features):
-                self._set_features(features)
-            case codec.GetProtocolFeatures():
-                return codec.U64Reply(
-                    codec.Request.GET_PROTOCOL_FEATURES, int(OFFERED_PROTOCOL_FEATURES)
-                )
-            case codec.SetProtocolFeatures(features=features):
-                if features & ~OFFERED_PROTOCOL_FEATURES:
-                    raise FrontendProtocolError(
-                        f"protocol features {features:#x} include ones never offered "
-                        f"({int(OFFERED_PROTOCOL_FEATURES):#x})"
-                    )
-                self.protocol_features = features
-                self.log.info("protocol features acked", protocol_features=hex(features))
-            case codec.SetOwner():
-                self.owner = True
-            case codec.ResetOwner():
-                # Deprecated; the spec recommends treating it as "disable all rings".
-                for ring in self.rings:
-                    self._pause(ring)
-                    ring.enabled = False
-            case codec.SetMemTable(regions=regions, region_fds=fds):
-                self._set_mem_table(regions, fds)
-            case codec.GetMaxMemSlots():
-                return codec.U64Reply(codec.Request.GET_MAX_MEM_SLOTS, MAX_MEM_SLOTS)
-            case codec.AddMemReg(region=region, fd=fd):
-                self._add_mem_reg(region, fd)
-            case codec.RemMemReg(region=region):
-                self._rem_mem_reg(region)
-            case codec.SetVringNum(index=index, num=num):
-                self._set_vring_num(self._ring(index), num)
-            case codec.SetVringAddr():
-                self._set_vring_addr(self._ring(msg.index), msg)
-            case codec.SetVringBase(index=index, num=num):
-                ring = self._ring(index)
-                if num > MAX_SPLIT_RING_INDEX:
-                    raise FrontendProtocolError(f"SET_VRING_BASE: {num} is not a 16-bit index")
-                self._reconfigure(ring, next_avail=num, used_idx=None)
-            case codec.GetVringBase(index=index):
-                return self._get_vring_base(self._ring(index))
-            case codec.SetVringKick(index=index, fd=fd):
-                self._set_vring_kick(self._ring(index), fd)
-            case codec.SetVringCall(index=index, fd=fd):
-                self._set_vring_call(self._ring(index), fd)
-            case codec.SetVringErr(index=index, fd=fd):
-                ring = self._ring(index)
-                if fd is not None:
-                    eventfd.check(fd, "SET_VRING_ERR")
-                old, ring.err_fd = ring.err_fd, None if fd is None else self._keep(fd)
-                close_fds([] if old is None else [old])
-            case codec.SetVringEnable(index=index, enable=enable):
-                ring = self._ring(index)
-                ring.enabled = enable
-                if self._ring_enabled(ring):
-                    self._maybe_start(ring)
-                else:
-                    self._pause(ring)
-            case codec.GetQueueNum():
-                return codec.U64Reply(codec.Request.GET_QUEUE_NUM, len(self.rings))
-            case codec.GetConfig(offset=offset, size=size, flags=flags):
-                data = self.device.read_config(offset, size)
-                if len(data) != size:
-                    raise FrontendProtocolError(
-                        f"GET_CONFIG: device returned {len(data)} bytes for {size}"
-                    )
-                return codec.ConfigReply(offset, data, flags)
-            case codec.SetConfig(offset=offset, data=data):
-                self.device.write_config(offset, data)
-            case codec.SetBackendReqFd(fd=fd):
-                self._set_backend_req_fd(fd)
-            case _:
-                raise FrontendProtocolError(
-                    f"unsupported request {codec.request_code(msg)} ({type(msg).__name__})"
-                )
-        return None
+    def _get_protocol_features(self, msg: codec.GetProtocolFeatures) -> codec.U64Reply:
+        return codec.U64Reply(codec.Request.GET_PROTOCOL_FEATURES, int(OFFERED_PROTOCOL_FEATURES))
 
-    # -- features ------------------------------------------------------------------------------
-
-    def _set_features(self, features: int) -> None:
-        offered = self.device.device_features() | codec.VHOST_USER_F_PROTOCOL_FEATURES
-        if features & ~offered:
+    def _set_protocol_features(self, msg: codec.SetProtocolFeatures) -> None:
+        if msg.features & ~OFFERED_PROTOCOL_FEATURES:
             raise FrontendProtocolError(
-                f"features {features:#x} include ones never offered ({offered:#x})"
+                f"protocol features {msg.features:#x} include ones never offered "
+                f"({int(OFFERED_PROTOCOL_FEATURES):#x})"
             )
-        self.acked_features = features
-        self.device.set_acked_features(features & ~codec.VHOST_USER_F_PROTOCOL_FEATURES)
-        self.log.info("features acked", features=hex(features))
+        self.protocol_features = msg.features
+        self.log.info("protocol features acked", protocol_features=hex(msg.features))
 
-    @property
-    def _event_idx(self) -> bool:
-        return has(self.acked_features, VIRTIO_RING_F_EVENT_IDX)
+    def _set_owner(self, msg: codec.SetOwner) -> None:
+        self.owner = True
 
-    def _ring_enabled(self, ring: _Ring) -> bool:
-        if self.acked_features & codec.VHOST_USER_F_PROTOCOL_FEATURES:
-            return ring.enabled
-        return True
+    def _reset_owner(self, msg: codec.ResetOwner) -> None:
+        self.vrings.disable_all()
 
-    def _set_backend_req_fd(self, fd: int) -> None:
-        if not self.protocol_features & PF.BACKEND_REQ:
-            raise FrontendProtocolError("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated")
+    def _get_queue_num(self, msg: codec.GetQueueNum) -> codec.U64Reply:
+        return codec.U64Reply(codec.Request.GET_QUEUE_NUM, len(self.rings))
+
+    # -- config space and the back-end channel -------------------------------------------------
+
+    def _check_config_access(self, msg: codec.Message, offset: int, size: int) -> None:
+        # The codec bounds the size (VHOST_USER_MAX_CONFIG_SIZE), not the offset: checked here,
+        # so that the device never sees an access its contract lets it refuse with ValueError.
+        if offset + size > CONFIG_SPACE_LIMIT:
+            raise FrontendProtocolError(
+                f"{type(msg).__name__}: {offset}+{size} is outside the "
+                f"{CONFIG_SPACE_LIMIT}-byte config space"
+            )
+
+    def _get_config(self, msg: codec.GetConfig) -> codec.ConfigReply:
+        self._check_config_access(msg, msg.offset, msg.size)
+        data = self.device.read_config(msg.offset, msg.size)
+        if len(data) != msg.size:
+            raise ValueError(f"GET_CONFIG: device returned {len(data)} bytes for {msg.size}")
+        return codec.ConfigReply(msg.offset, data, msg.flags)
+
+    def _set_config(self, msg: codec.SetConfig) -> None:
+        self._check_config_access(msg, msg.offset, len(msg.data))
         try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            raise FrontendProtocolError(f"SET_BACKEND_REQ_FD: not a socket ({exc})") from None
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.detach()
-            raise FrontendProtocolError("SET_BACKEND_REQ_FD: not a Unix stream socket")
-        self._keep(fd)
-        with self._backend_lock:
-            sock.settimeout(BACKEND_REPLY_TIMEOUT)
-            old, self._backend = (
-                self._backend,
-                Transport(sock, message_timeout=BACKEND_REPLY_TIMEOUT),
-            )
-        if old is not None:
-            _shut_down(old)
-            old.close()
+            self.device.write_config(msg.offset, msg.data)
+        except ValueError as exc:
+            # VhostUserDevice.write_config refuses an offset outside the device's own layout
+            # with ValueError, and the offset is the front-end's: the one ValueError that is.
+            raise FrontendProtocolError(f"{type(msg).__name__}: {exc}") from None
+
+    def _set_backend_req_fd(self, msg: codec.SetBackendReqFd) -> None:
+        self._backend.attach(msg.fd, self.protocol_features)
+        self._keep(msg.fd)
 
     def notify_config_change(self) -> bool:
         """Tell the front-end the config space changed (CONFIG_CHANGE_MSG on the backend
         channel), e.g. after a live resize. Safe from any thread. Returns whether the front-end
         took it (False when the channel or the CONFIG feature is missing, or it failed)."""
-        # The round trip runs outside _backend_lock, which the connection thread takes to
-        # swap or close the channel: that must not wait for an answer that may never come (a
-        # front-end sharing the socket's file description can even steal the answer). A swap
-        # or close shuts the old socket down, which ends a wait here at once.
-        with self._backend_lock:
-            backend = self._backend
-            if backend is None or not self.protocol_features & PF.CONFIG:
-                return False
-            need_reply = bool(self.protocol_features & PF.REPLY_ACK)
-        with self._notify_lock:
-            try:
-                backend.send(codec.ConfigChangeMsg(need_reply=need_reply))
-                if not need_reply:
-                    return True
-                reply = backend.receive_reply(codec.BackendRequest.CONFIG_CHANGE_MSG)
-            except (ConnectionClosed, FrontendProtocolError, OSError) as exc:
-                # TimeoutError (an OSError) included: the front-end did not answer in time.
-                self.log.warning("config change notification failed", error=str(exc))
-                return False
-            return isinstance(reply, codec.U64Reply) and reply.value == 0
+        return self._backend.notify_config_change(self.protocol_features)
 
     # -- memory --------------------------------------------------------------------------------
 
@@ -353,9 +294,7 @@ class Connection:
             new = GuestMemory.from_regions(regions) if regions else None
         except GuestMemoryError as exc:
             raise FrontendProtocolError(f"memory table rejected: {exc}") from None
-        paused = [ring for ring in self.rings if ring.worker is not None]
-        for ring in paused:
-            self._pause(ring)
+        self.vrings.pause_all()
         old, self.memory = self.memory, new
         kept = {r.fd for r in regions}
         gone = [r.fd for r in self.regions if r.fd not in kept]
@@ -369,31 +308,31 @@ class Connection:
             regions=len(regions),
             size=sum(r.memory_size for r in regions),
         )
-        for ring in self.rings:
-            self._maybe_start(ring)
+        self.vrings.set_memory(new)
 
-    def _set_mem_table(self, regions: tuple[codec.MemRegion, ...], fds: tuple[int, ...]) -> None:
+    def _set_mem_table(self, msg: codec.SetMemTable) -> None:
         self._replace_memory(
             [
                 MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
-                for r, fd in zip(regions, fds, strict=True)
+                for r, fd in zip(msg.regions, msg.region_fds, strict=True)
             ]
         )
 
-    def _add_mem_reg(self, region: codec.MemRegion, fd: int) -> None:
+    def _get_max_mem_slots(self, msg: codec.GetMaxMemSlots) -> codec.U64Reply:
+        return codec.U64Reply(codec.Request.GET_MAX_MEM_SLOTS, MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, msg: codec.AddMemReg) -> None:
         if len(self.regions) >= MAX_MEM_SLOTS:
             raise FrontendProtocolError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots in use")
+        r = msg.region
         new = MemoryRegion(
-            region.guest_phys_addr,
-            region.memory_size,
-            region.userspace_addr,
-            region.mmap_offset,
-            fd,
+            r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, msg.fd
         )
         self._replace_memory([*self.regions, new])
 
-    def _rem_mem_reg(self, region: codec.MemRegion) -> None:
+    def _rem_mem_reg(self, msg: codec.RemMemReg) -> None:
         # Spec: identified by guest address, user address and size; the mmap offset is ignored.
+        region = msg.region
         for i, r in enumerate(self.regions):
             if (r.guest_phys_addr, r.userspace_addr, r.memory_size) == (
                 region.guest_phys_addr,
@@ -407,159 +346,38 @@ class Connection:
             f"with size {region.memory_size:#x}"
         )
 
-    # -- rings ---------------------------------------------------------------------------------
+    # -- vrings (vhost_user.vring does the work) -----------------------------------------------
 
-    def _translate(self, ring: _Ring) -> tuple[int, int, int]:
-        """Guest physical addresses of the ring's parts; FrontendProtocolError if any is not
-        wholly inside guest memory or misaligned (virtio 1.2, 2.7: 16, 2 and 4 bytes)."""
-        addr = ring.addr
-        if addr is None or self.memory is None:
-            raise FrontendProtocolError(f"vring {ring.index}: addresses set before memory table")
-        num = max(ring.num, 1)
-        desc_len, avail_len, used_len = ring_lengths(num)
-        gpas = []
-        for what, uva, length, align in (
-            ("descriptor table", addr.desc_user_addr, desc_len, 16),
-            ("available ring", addr.avail_user_addr, avail_len, 2),
-            ("used ring", addr.used_user_addr, used_len, 4),
-        ):
-            if uva % align:
-                raise FrontendProtocolError(
-                    f"vring {ring.index}: {what} at {uva:#x} is not {align}-byte aligned"
-                )
-            try:
-                gpas.append(self.memory.translate_uva(uva, length))
-            except GuestMemoryError as exc:
-                raise FrontendProtocolError(
-                    f"vring {ring.index}: {what} at {uva:#x} (+{length:#x}) is not in guest "
-                    f"memory: {exc}"
-                ) from None
-        return gpas[0], gpas[1], gpas[2]
+    def _set_vring_num(self, msg: codec.SetVringNum) -> None:
+        self.vrings.set_num(self.vrings.get(msg.index), msg.num)
 
-    def _maybe_start(self, ring: _Ring) -> None:
-        if ring.worker is not None or ring.broken:
-            return
-        if ring.kick_fd is None or ring.addr is None or ring.num == 0 or self.memory is None:
-            return
-        if not self._ring_enabled(ring):
-            return
-        try:
-            desc, avail, used = self._translate(ring)
-        except FrontendProtocolError as exc:
-            # After a memory change the ring may point at memory that is gone for now; it stays
-            # stopped until the front-end sets memory or addresses that work.
-            self.log.warning("vring cannot start", queue=ring.index, error=str(exc))
-            return
-        try:
-            queue = self._virtqueue_factory(
-                self.memory,
-                ring.num,
-                desc,
-                avail,
-                used,
-                event_idx=self._event_idx,
-                next_avail_idx=ring.next_avail,
-                used_idx=ring.used_idx,
-            )
-        except (GuestFault, GuestMemoryError, ValueError) as exc:
-            raise FrontendProtocolError(f"vring {ring.index}: cannot set up: {exc}") from None
-        worker = QueueWorker(
-            ring.index,
-            queue,
-            self.memory,
-            self.device,
-            ring.kick_fd,
-            ring.call_fd,
-            logger=self.log,
-        )
-        ring.worker = worker
-        self._ran_since_quiesce = True
-        worker.start()
-        self.log.debug("vring started", queue=ring.index, size=ring.num, base=ring.next_avail)
+    def _set_vring_addr(self, msg: codec.SetVringAddr) -> None:
+        self.vrings.set_addr(self.vrings.get(msg.index), msg)
 
-    def _pause(self, ring: _Ring) -> bool:
-        """Stop the ring's worker (in-flight request finished), keeping its position so it
-        can resume. Returns whether a worker was running."""
-        worker = ring.worker
-        if worker is None:
-            return False
-        worker.stop()
-        ring.worker = None
-        ring.next_avail = worker.queue.next_avail_idx
-        ring.used_idx = worker.queue.used_idx
-        ring.broken = worker.broken
-        self.log.debug("vring paused", queue=ring.index, next_avail=ring.next_avail)
-        return True
+    def _set_vring_base(self, msg: codec.SetVringBase) -> None:
+        self.vrings.set_base(self.vrings.get(msg.index), msg.num)
 
-    def _reconfigure(self, ring: _Ring, **changes: object) -> None:
-        """Apply front-end changes to a ring (pausing it if it runs), then try to start it."""
-        self._pause(ring)
-        for name, value in changes.items():
-            setattr(ring, name, value)
-        ring.broken = False
-        self._maybe_start(ring)
+    def _get_vring_base(self, msg: codec.GetVringBase) -> codec.VringStateReply:
+        ring = self.vrings.get(msg.index)
+        return codec.VringStateReply(ring.index, self.vrings.get_base(ring))
 
-    def _set_vring_num(self, ring: _Ring, num: int) -> None:
-        limit = self.device.max_queue_size
-        if num == 0 or num & (num - 1) or num > limit:
-            raise FrontendProtocolError(f"SET_VRING_NUM: {num} is not a power of two in 1..{limit}")
-        self._reconfigure(ring, num=num)
-
-    def _set_vring_addr(self, ring: _Ring, addr: codec.SetVringAddr) -> None:
-        if addr.flags & ~codec.VRING_F_LOG:
-            raise FrontendProtocolError(f"SET_VRING_ADDR: unknown flags {addr.flags:#x}")
-        if addr.flags & codec.VRING_F_LOG:
-            raise FrontendProtocolError("SET_VRING_ADDR: dirty logging was never offered")
-        self._pause(ring)
-        previous, ring.addr = ring.addr, addr
-        try:
-            self._translate(ring)
-        except FrontendProtocolError:
-            ring.addr = previous
-            raise
-        self._reconfigure(ring)
-
-    def _get_vring_base(self, ring: _Ring) -> codec.VringStateReply:
-        self._pause(ring)
-        # Like libvhost-user, forget the eventfds: the ring restarts only with a new kick fd.
-        close_fds([fd for fd in (ring.kick_fd, ring.call_fd) if fd is not None])
-        ring.kick_fd = ring.call_fd = None
-        # QEMU >= 7.2 disables a ring (SET_VRING_ENABLE 0) before GET_VRING_BASE, so the ring
-        # may have been paused already: quiesce once the last ring that ran has stopped.
-        if self._ran_since_quiesce and all(r.worker is None for r in self.rings):
-            self._ran_since_quiesce = False
-            self.device.quiesce()
-        self.log.debug("vring stopped", queue=ring.index, next_avail=ring.next_avail)
-        return codec.VringStateReply(ring.index, ring.next_avail)
-
-    def _set_vring_kick(self, ring: _Ring, fd: int | None) -> None:
+    def _set_vring_kick(self, msg: codec.SetVringKick) -> None:
+        ring = self.vrings.get(msg.index)
+        fd = self._eventfd(msg.fd, "SET_VRING_KICK")
         if fd is None:
             raise FrontendProtocolError("SET_VRING_KICK: polling mode (no fd) is not supported")
-        eventfd.check(fd, "SET_VRING_KICK")
-        self._pause(ring)
-        old, ring.kick_fd = ring.kick_fd, self._keep(fd)
-        close_fds([] if old is None else [old])
-        self._reconfigure(ring)
+        self.vrings.set_kick(ring, fd)
 
-    def _set_vring_call(self, ring: _Ring, fd: int | None) -> None:
-        if fd is not None:
-            eventfd.check(fd, "SET_VRING_CALL")
-        new = None if fd is None else self._keep(fd)
-        old = ring.call_fd
-        ring.call_fd = new
-        if ring.worker is not None:
-            try:
-                ring.worker.set_call_fd(new)
-            except WorkerStuck as exc:
-                self.log.warning("replacing a blocked queue worker", error=str(exc))
-                self._pause(ring)  # abandons it; a fresh one takes the new fd
-                self._maybe_start(ring)
-            # A completion may have been signalled on the old fd after the front-end stopped
-            # listening to it; a spurious interrupt is harmless, a lost one hangs the guest.
-            # The worker sends it: a write to the front-end's fd is not for this thread.
-            if new is not None and ring.worker is not None:
-                ring.worker.request_notify()
-        close_fds([] if old is None else [old])
+    def _set_vring_call(self, msg: codec.SetVringCall) -> None:
+        ring = self.vrings.get(msg.index)
+        self.vrings.set_call(ring, self._eventfd(msg.fd, "SET_VRING_CALL"))
+
+    def _set_vring_err(self, msg: codec.SetVringErr) -> None:
+        ring = self.vrings.get(msg.index)
+        self.vrings.set_err(ring, self._eventfd(msg.fd, "SET_VRING_ERR"))
+
+    def _set_vring_enable(self, msg: codec.SetVringEnable) -> None:
+        self.vrings.set_enable(self.vrings.get(msg.index), msg.enable)
 
     # -- teardown ------------------------------------------------------------------------------
 
@@ -569,8 +387,7 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        for ring in self.rings:
-            self._pause(ring)
+        self.vrings.close()
         try:
             self.device.quiesce()
         except Exception:
@@ -580,12 +397,5 @@ class Connection:
             self.memory = None
         close_fds([r.fd for r in self.regions])
         self.regions = []
-        for ring in self.rings:
-            close_fds([fd for fd in (ring.kick_fd, ring.call_fd, ring.err_fd) if fd is not None])
-            ring.kick_fd = ring.call_fd = ring.err_fd = None
-        with self._backend_lock:
-            if self._backend is not None:
-                _shut_down(self._backend)
-                self._backend.close()
-                self._backend = None
+        self._backend.close()
         self.transport.close()

@@ -15,7 +15,9 @@ in turn (each front-end negotiates features afresh), or a zero-argument factory 
 per accepted connection.
 
 Socket file: a stale socket left by a dead process is replaced; a socket someone still listens
-on, or a path that is not a socket, raises :class:`FileExistsError` and nothing is touched.
+on, or a path that is not a socket, raises :class:`FileExistsError` and nothing is touched. A
+listening socket handed over (``listener=``, systemd socket activation) is used as it is, and
+its file is left in place on close: it belongs to whoever bound it.
 
 One front-end at a time: while a connection runs, another that connects is accepted and closed
 at once (logged), because two front-ends driving one disk would corrupt it. So that a peer
@@ -87,6 +89,7 @@ class Server:
         device: DeviceSource,
         *,
         message_timeout: float | None = 5.0,
+        listener: socket.socket | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._device = device
@@ -95,6 +98,13 @@ class Server:
         self._stopping = threading.Event()
         self._connection: Connection | None = None
         self._lock = threading.Lock()
+        self.log = log.bind(socket=socket_path)
+        if listener is not None:
+            # Socket activation: whoever bound it (systemd) owns the path, which we then
+            # neither replace nor remove.
+            self._listener = listener
+            self._inode = -1
+            return
         _prepare_path(socket_path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -105,7 +115,6 @@ class Server:
             self._listener.close()
             os.close(self._stop_fd)
             raise
-        self.log = log.bind(socket=socket_path)
 
     # -- control -------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import stat
+from contextlib import ExitStack
 from types import FrameType
 from typing import Any
 
@@ -42,7 +43,13 @@ def add_parser(commands: Any) -> None:
         help="export an image on a vhost-user socket",
         description="Listen on SOCKET and serve IMAGE to each QEMU that connects, one at a time.",
     )
-    serve.add_argument("--socket", required=True, help="Unix socket path to create and listen on")
+    serve.add_argument(
+        "--socket",
+        help=(
+            "Unix socket path to create and listen on (optional under systemd socket "
+            "activation: the socket passed is used, and must be this path if given)"
+        ),
+    )
     serve.add_argument(
         "--image", required=True, help="the disk image (raw file, block device, qcow2)"
     )
@@ -69,6 +76,21 @@ def add_parser(commands: Any) -> None:
         default="writeback",
         help="host page cache use: writeback (default) or none (O_DIRECT)",
     )
+    serve.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket (JSON lines: query-status, query-stats, resize, ...; see `ctl`)",
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics over HTTP (a bare PORT listens on 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--no-follow-resize",
+        action="store_true",
+        help="do not follow a block device's kernel resize events",
+    )
     add_logging_options(serve)
 
 
@@ -87,13 +109,39 @@ def check_socket_path(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from blkdev import systemd
+    from blkdev.control import Backend, ControlServer
     from blkdev.device import BlkDevice
     from blkdev.disks import open_disk
+    from blkdev.resize import LiveResize
     from vhost_user.server import Server
+
+    # pyroute2 and prometheus-client are imported only when asked for: each costs a tenth of
+    # a second or more at start-up.
 
     if len(args.serial.encode()) > 20:
         raise UsageError("--serial must be at most 20 bytes (virtio-blk GET_ID)")
-    check_socket_path(args.socket)
+    try:
+        fds = systemd.listen_fds()
+        if len(fds) > 1:
+            raise systemd.ActivationError(f"systemd passed {len(fds)} sockets; serve takes one")
+        activated = systemd.activated_listener(fds[0], args.socket) if fds else None
+    except systemd.ActivationError as exc:
+        raise UsageError(str(exc)) from None
+    if activated is None:
+        if args.socket is None:
+            raise UsageError("--socket is required (unless started by systemd socket activation)")
+        check_socket_path(args.socket)
+    if args.control is not None:
+        check_socket_path(args.control)
+    metrics_address = None
+    if args.metrics is not None:
+        from blkdev.metrics import parse_address
+
+        try:
+            metrics_address = parse_address(args.metrics)
+        except ValueError as exc:
+            raise UsageError(f"--metrics: {exc}") from None
 
     log = structlog.get_logger("vhost-user-blk")
     disk = open_disk(args.image, fmt=args.format, read_only=args.read_only, cache=args.cache)
@@ -105,27 +153,63 @@ def run(args: argparse.Namespace) -> int:
         read_only=disk.read_only,
     )
     try:
-        device = BlkDevice(
-            disk,
-            num_queues=args.num_queues,
-            serial=args.serial,
-            read_only=args.read_only,
-            queue_size=args.queue_size,
-        )
-        server = Server(args.socket, device)
+        with ExitStack() as stack:
+            device = BlkDevice(
+                disk,
+                num_queues=args.num_queues,
+                serial=args.serial,
+                read_only=args.read_only,
+                queue_size=args.queue_size,
+            )
+            if activated is not None:
+                listener, path = activated
+                server = Server(path, device, listener=listener)
+                log.info("socket passed by systemd", socket=path)
+            else:
+                server = Server(args.socket, device)
+            stack.callback(server.close)
+            live = LiveResize(disk, device, server.notify_config_change)
+            backend = Backend(
+                image=args.image,
+                disk=disk,
+                device=device,
+                connected=lambda: server.connection is not None,
+                stop=server.stop,
+                resize=None if disk.read_only else live.resize,
+            )
+            rdev = disk.rdev
+            if rdev is not None and not args.no_follow_resize:
+                from blkdev.uevents import ResizeWatcher
 
-        received: list[int] = []
+                watcher = ResizeWatcher(rdev, live.follow, name=args.image)
+                try:
+                    watcher.start()
+                except OSError as exc:
+                    log.warning("cannot follow resize events", error=str(exc))
+                else:
+                    stack.callback(watcher.stop)
+            if args.control is not None:
+                stack.enter_context(ControlServer(args.control, backend))
+            if metrics_address is not None:
+                from blkdev.metrics import MetricsServer
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            # Nothing but async-signal-safe work here. The handler runs in the main thread
-            # between two bytecodes, possibly inside structlog's write, which holds a
-            # non-reentrant lock: logging from here could deadlock the process.
-            received.append(signum)
-            server.stop()
+                metrics = stack.enter_context(MetricsServer(*metrics_address, backend))
+                log.info("metrics listening", address="{}:{}".format(*metrics.address))
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        server.serve_forever()
+            received: list[int] = []
+
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                # Nothing but async-signal-safe work here. The handler runs in the main thread
+                # between two bytecodes, possibly inside structlog's write, which holds a
+                # non-reentrant lock: logging from here could deadlock the process.
+                received.append(signum)
+                server.stop()
+
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            systemd.notify(f"READY=1\nSTATUS=serving {args.image}")
+            server.serve_forever()
+            systemd.notify("STOPPING=1")
     finally:
         disk.close()
     if received:

@@ -75,6 +75,22 @@ class Disk(Protocol):
         """The range reads as zeros afterwards; ``unmap`` allows deallocating it."""
         ...
 
+    @property
+    def rdev(self) -> int | None:
+        """The host block device the disk is, as ``st_rdev`` (for following its kernel
+        resize events, ``blkdev.uevents``); None when it is not one."""
+        ...
+
+    def resize(self, new_size: int, *, force: bool = False) -> None:
+        """Grow (or, with ``force``, shrink) the image to ``new_size`` bytes, crash-safely.
+        ``ResizeRefused`` when it cannot be done as asked (nothing changed then)."""
+        ...
+
+    def refresh_size(self) -> int:
+        """Re-read the size of storage that can grow by itself (a block device after a kernel
+        resize uevent) and return it; a disk whose size only it changes returns ``size``."""
+        ...
+
     def close(self) -> None:
         """Flush and release the image (and its lock). Idempotent."""
         ...

@@ -38,7 +38,7 @@ from blkdev.disks.hostfile import (
     pwritev_full,
 )
 from blkdev.disks.probe import format_of_first_sector
-from blkdev.errors import DiskIOError, ImageError
+from blkdev.errors import DiskIOError, ImageError, ResizeRefused
 from memory import BounceBuffer, IoBuffers
 
 log = structlog.get_logger(__name__)
@@ -149,6 +149,62 @@ class RawDisk:
     @property
     def direct(self) -> bool:
         return self._direct
+
+    @property
+    def block_device(self) -> bool:
+        return self._block_device
+
+    @property
+    def rdev(self) -> int | None:
+        """The block device's number (for ``blkdev.uevents``), None for a file."""
+        return os.fstat(self._fd).st_rdev if self._block_device else None
+
+    def resize(self, new_size: int, *, force: bool = False) -> None:
+        """Extend (or with ``force`` truncate) an image file. A block device is resized where
+        it lives (lvextend, the array) and followed through :meth:`refresh_size`."""
+        if self._block_device:
+            raise ResizeRefused(
+                f"{self._path} is a block device: grow the device itself (lvextend, "
+                "losetup -c...); the backend follows its resize event"
+            )
+        if self._read_only:
+            raise ResizeRefused(f"{self._path} is served read-only")
+        if new_size <= 0 or new_size % max(SECTOR_SIZE, self._align):
+            raise ResizeRefused(
+                f"{new_size} is not a positive multiple of {max(SECTOR_SIZE, self._align)} bytes"
+            )
+        if new_size < self._size and not force:
+            raise ResizeRefused(
+                f"{new_size} is smaller than the disk ({self._size} bytes): shrinking drops the "
+                "guest's data past the new end; pass force to do it anyway"
+            )
+        with self._close_lock:
+            if self._closed:
+                raise ValueError("disk is closed")
+            if new_size < self._size:
+                # Shrink: the guest must stop using the tail first, so the size the device
+                # checks against goes down before the file does.
+                self._size = new_size
+            try:
+                os.ftruncate(self._fd, new_size)
+                # The new size must survive a crash before the guest is told of it, or the
+                # guest could write past an end that comes back shorter.
+                os.fsync(self._fd)
+            except OSError as e:
+                raise DiskIOError(f"resize of {self._path} failed: {e.strerror}", e.errno) from e
+            self._size = new_size
+        self.log.info("image resized", size=new_size)
+
+    def refresh_size(self) -> int:
+        try:
+            size = block_device_size(self._fd) if self._block_device else os.fstat(self._fd).st_size
+        except OSError as e:
+            raise DiskIOError(f"stat of {self._path} failed: {e.strerror}", e.errno) from e
+        usable = size - size % max(SECTOR_SIZE, self._align)
+        if usable != self._size:
+            self.log.info("image size changed", size=usable, was=self._size)
+            self._size = usable
+        return self._size
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         if self._closed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from deploy.guest import Guest
@@ -50,13 +50,18 @@ class Harness:
         read_only: bool = False,
         num_queues: int = 1,
         serial: str | None = None,
+        extra_args: Sequence[str] = (),
+        launcher: Callable[[Path], Sequence[str]] | None = None,
+        socket_option: bool = True,
     ) -> Backend:
-        """Start a backend on a fresh socket; it is stopped at the end of the test."""
+        """Start a backend on a fresh socket; it is stopped at the end of the test. A
+        ``launcher(socket)`` is the command line that runs ours (see ``start_backend``)."""
         self._n += 1
         kind = kind or DEFAULT_BACKEND
+        sock = self.sockdir / f"b{self._n}.sock"
         backend = start_backend(
             kind,
-            socket=self.sockdir / f"b{self._n}.sock",
+            socket=sock,
             image=image,
             log_path=self.workdir / f"backend{self._n}-{kind}.log",
             fmt=fmt,
@@ -64,6 +69,9 @@ class Harness:
             num_queues=num_queues,
             serial=serial,
             log_level="debug" if os.environ.get("VUB_DEBUG") else "info",
+            extra_args=extra_args,
+            launcher=launcher(sock) if launcher is not None else (),
+            socket_option=socket_option,
         )
         self._backends.append(backend)
         return backend
@@ -77,6 +85,7 @@ class Harness:
         files: Mapping[str, bytes] | None = None,
         smp: int = 1,
         num_queues: int = 1,
+        on_console_line: Callable[[str], None] | None = None,
     ) -> VmResult:
         return run_vm(
             self.guest,
@@ -88,6 +97,7 @@ class Harness:
             smp=smp,
             num_queues=num_queues,
             files=files,
+            on_console_line=on_console_line,
         )
 
     def close(self) -> None:

@@ -309,8 +309,8 @@ def test_refcount_table_stops_at_qemus_limit(tmp_path: Path, memory: GuestMemory
     before = img.read_bytes()
     disk = QcowDisk.open(str(img), read_only=False)
     try:
-        assert disk._refs is not None
-        disk._refs.hint = (130 << 30) // 512
+        assert disk._refcounts is not None
+        disk._refcounts.hint = (130 << 30) // 512
         with pytest.raises(DiskIOError, match="full") as err:
             guest_write(disk, memory, 0, b"x" * 512)
         assert err.value.errno == errno.EFBIG
@@ -322,8 +322,8 @@ def test_refcount_table_stops_at_qemus_limit(tmp_path: Path, memory: GuestMemory
 
     disk = QcowDisk.open(str(img), read_only=False)
     try:
-        assert disk._refs is not None
-        disk._refs.hint = (100 << 30) // 512
+        assert disk._refcounts is not None
+        disk._refcounts.hint = (100 << 30) // 512
         guest_write(disk, memory, 0, b"y" * 512)
     finally:
         disk.close()

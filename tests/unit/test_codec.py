@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -11,7 +13,16 @@ from hypothesis import strategies as st
 
 from vhost_user.errors import FrontendProtocolError
 from vhost_user.protocol import codec
-from vhost_user.protocol.codec import Request
+from vhost_user.protocol.codec import BackendRequest, Request
+from vhost_user.protocol.messages import (
+    BACKEND_REQUESTS,
+    REQUESTS,
+    U64_REPLY,
+    Layout,
+    ReplyRow,
+    Row,
+    layout_sizes,
+)
 
 
 def parse(data: bytes, fds: tuple[int, ...] = ()) -> codec.Message:
@@ -61,30 +72,53 @@ def mem_tables(draw: st.DrawFn) -> codec.SetMemTable:
     return codec.SetMemTable(rs, tuple(draw(fd) for _ in rs))
 
 
+config_flags = st.sampled_from([codec.CONFIG_FLAG_FRONTEND, codec.CONFIG_FLAG_MIGRATION])
+
+EXAMPLES: dict[type[Any], st.SearchStrategy[Any]] = {
+    codec.GetFeatures: st.builds(codec.GetFeatures),
+    codec.SetFeatures: st.builds(codec.SetFeatures, u64),
+    codec.GetProtocolFeatures: st.builds(codec.GetProtocolFeatures),
+    codec.SetProtocolFeatures: st.builds(codec.SetProtocolFeatures, u64),
+    codec.SetOwner: st.builds(codec.SetOwner),
+    codec.ResetOwner: st.builds(codec.ResetOwner),
+    codec.SetMemTable: mem_tables(),
+    codec.GetMaxMemSlots: st.builds(codec.GetMaxMemSlots),
+    codec.AddMemReg: st.builds(codec.AddMemReg, regions, fd),
+    codec.RemMemReg: st.builds(codec.RemMemReg, regions, st.none() | fd),
+    codec.SetVringNum: st.builds(codec.SetVringNum, u32, u32),
+    codec.SetVringAddr: st.builds(codec.SetVringAddr, u32, u32, u64, u64, u64, u64),
+    codec.SetVringBase: st.builds(codec.SetVringBase, u32, u32),
+    codec.GetVringBase: st.builds(codec.GetVringBase, u32, u32),
+    codec.SetVringKick: st.builds(codec.SetVringKick, u8, st.none() | fd),
+    codec.SetVringCall: st.builds(codec.SetVringCall, u8, st.none() | fd),
+    codec.SetVringErr: st.builds(codec.SetVringErr, u8, st.none() | fd),
+    codec.SetVringEnable: st.builds(codec.SetVringEnable, u32, st.booleans()),
+    codec.GetQueueNum: st.builds(codec.GetQueueNum),
+    codec.GetConfig: st.builds(codec.GetConfig, u32, st.integers(0, 256), config_flags),
+    codec.SetConfig: st.builds(codec.SetConfig, u32, st.binary(max_size=256), config_flags),
+    codec.SetBackendReqFd: st.builds(codec.SetBackendReqFd, fd),
+    codec.GetInflightFd: st.builds(codec.GetInflightFd, u64, u64, u16, u16),
+    codec.SetInflightFd: st.builds(codec.SetInflightFd, u64, u64, u16, u16, fd),
+    codec.ConfigChangeMsg: st.builds(codec.ConfigChangeMsg),
+}
+"""One strategy per message class of the table (requests and backend requests)."""
+
+REPLY_EXAMPLES: dict[type[Any], Callable[[int], st.SearchStrategy[Any]]] = {
+    codec.U64Reply: lambda code: st.builds(codec.U64Reply, st.just(code), u64),
+    codec.VringStateReply: lambda code: st.builds(codec.VringStateReply, u32, u32, st.just(code)),
+    # An empty ``data`` is the failure reply, which does not keep its offset and flags
+    # (test_failed_get_config_reply_is_empty).
+    codec.ConfigReply: lambda code: st.builds(
+        codec.ConfigReply, u32, st.binary(min_size=1, max_size=256), config_flags, st.just(code)
+    ),
+    codec.InflightReply: lambda code: st.builds(
+        codec.InflightReply, u64, u64, u16, u16, fd, st.just(code)
+    ),
+}
+"""One strategy per reply class, given the code of the request it answers."""
+
 messages = st.one_of(
-    st.builds(codec.GetFeatures),
-    st.builds(codec.SetFeatures, u64),
-    st.builds(codec.GetProtocolFeatures),
-    st.builds(codec.SetProtocolFeatures, u64),
-    st.builds(codec.SetOwner),
-    st.builds(codec.ResetOwner),
-    mem_tables(),
-    st.builds(codec.GetMaxMemSlots),
-    st.builds(codec.AddMemReg, regions, fd),
-    st.builds(codec.RemMemReg, regions, st.none() | fd),
-    st.builds(codec.SetVringNum, u32, u32),
-    st.builds(codec.SetVringAddr, u32, u32, u64, u64, u64, u64),
-    st.builds(codec.SetVringBase, u32, u32),
-    st.builds(codec.GetVringBase, u32, u32),
-    st.builds(codec.SetVringKick, u8, st.none() | fd),
-    st.builds(codec.SetVringCall, u8, st.none() | fd),
-    st.builds(codec.SetVringErr, u8, st.none() | fd),
-    st.builds(codec.SetVringEnable, u32, st.booleans()),
-    st.builds(codec.GetQueueNum),
-    st.builds(codec.SetConfig, u32, st.binary(max_size=256), st.sampled_from([0, 1])),
-    st.builds(codec.SetBackendReqFd, fd),
-    st.builds(codec.GetInflightFd, u64, u64, u16, u16),
-    st.builds(codec.SetInflightFd, u64, u64, u16, u16, fd),
+    *(EXAMPLES[row.message] for row in REQUESTS),
     st.builds(codec.UnknownRequest, st.integers(41, 2**32 - 1), st.binary(max_size=64)),
 )
 
@@ -295,3 +329,169 @@ def test_structured_fuzz_of_fixed_layouts(
                 parse(frame(request, body[:cut]), tuple(range(50, 50 + nfds)))
             except FrontendProtocolError:
                 pass
+
+
+# -- the table: every row's layout, round trip and size checks ---------------------------------
+
+ROWS = [*REQUESTS, *BACKEND_REQUESTS]
+REPLY_ROWS = [(row, row.reply or U64_REPLY) for row in REQUESTS]
+"""Every request with the body it is answered by: its natural reply, or REPLY_ACK's u64."""
+DISTINCT_REPLY_ROWS = [pair for pair in REPLY_ROWS if pair[0].reply] + [
+    next(pair for pair in REPLY_ROWS if not pair[0].reply)
+]
+"""The natural replies, and one REPLY_ACK (the ack layout is the same for every request)."""
+
+
+def row_name(row: Row) -> str:
+    return (BackendRequest if row in BACKEND_REQUESTS else Request)(row.code).name
+
+
+def parse_row(row: Row, wire: bytes, fds: tuple[int, ...]) -> codec.Message:
+    header = codec.parse_header(wire[: codec.HEADER.size])
+    parse_fn = codec.parse_backend_request if row in BACKEND_REQUESTS else codec.parse_request
+    return parse_fn(header, wire[codec.HEADER.size :], fds)
+
+
+def fits(layout: Layout, payload: bytes) -> bool:
+    fixed, per_item = layout_sizes(layout)
+    extra = len(payload) - fixed
+    return extra == 0 if per_item == 0 else extra >= 0 and extra % per_item == 0
+
+
+# QEMU's docs/interop/vhost-user.rst, "Message Specification" / "Payload": (fixed bytes, bytes
+# per item after them). No payload: 0. "A single 64-bit integer": 8. "A vring state
+# description": 2 x 32 bits. "A vring address description": 40, the size of QEMU's
+# vhost_vring_addr (the table's "size" column is no field). "Memory regions description":
+# 32-bit count and padding, then 4 x 64-bit regions. "Single memory region description": 64-bit
+# padding and one region. "Virtio device config space": 3 x 32 bits, then "size" bytes.
+# "Inflight description": 2 x 64 + 2 x 16 bits, which QEMU's unpacked VhostUserInflight pads
+# to 24.
+SPEC_SIZES: dict[type[Any], tuple[int, int]] = {
+    codec.GetFeatures: (0, 0),
+    codec.SetFeatures: (8, 0),
+    codec.SetOwner: (0, 0),
+    codec.ResetOwner: (0, 0),
+    codec.SetMemTable: (8, 32),
+    codec.SetVringNum: (8, 0),
+    codec.SetVringAddr: (40, 0),
+    codec.SetVringBase: (8, 0),
+    codec.GetVringBase: (8, 0),
+    codec.SetVringKick: (8, 0),
+    codec.SetVringCall: (8, 0),
+    codec.SetVringErr: (8, 0),
+    codec.GetProtocolFeatures: (0, 0),
+    codec.SetProtocolFeatures: (8, 0),
+    codec.GetQueueNum: (0, 0),
+    codec.SetVringEnable: (8, 0),
+    codec.SetBackendReqFd: (0, 0),
+    codec.GetConfig: (12, 1),
+    codec.SetConfig: (12, 1),
+    codec.GetInflightFd: (24, 0),
+    codec.SetInflightFd: (24, 0),
+    codec.GetMaxMemSlots: (0, 0),
+    codec.AddMemReg: (40, 0),
+    codec.RemMemReg: (40, 0),
+    codec.ConfigChangeMsg: (0, 0),
+    codec.U64Reply: (8, 0),
+    codec.VringStateReply: (8, 0),
+    codec.ConfigReply: (12, 1),
+    codec.InflightReply: (24, 0),
+}
+
+
+def test_rows_are_unique_and_named_after_their_codes() -> None:
+    for table in (REQUESTS, BACKEND_REQUESTS):
+        assert len({row.code for row in table}) == len(table)
+    assert len({row.message for row in ROWS}) == len(ROWS)
+    for row in ROWS:
+        camel = "".join(word.capitalize() for word in row_name(row).split("_"))
+        assert row.message.__name__ == camel
+
+
+def test_natural_replies_are_the_rows_with_a_reply_body() -> None:
+    assert codec.NATURAL_REPLIES == {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.GET_VRING_BASE,
+        Request.GET_QUEUE_NUM,
+        Request.GET_CONFIG,
+        Request.GET_MAX_MEM_SLOTS,
+        Request.GET_INFLIGHT_FD,
+    }
+
+
+@pytest.mark.parametrize("row", ROWS, ids=row_name)
+def test_row_layout_sizes_match_qemu(row: Row) -> None:
+    assert layout_sizes(row.layout) == SPEC_SIZES[row.message]
+    if row.reply is not None:
+        assert layout_sizes(row.reply.layout) == SPEC_SIZES[row.reply.message]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=row_name)
+@given(data=st.data(), need_reply=st.booleans())
+def test_every_row_round_trips(row: Row, data: st.DataObject, need_reply: bool) -> None:
+    msg = dataclasses.replace(data.draw(EXAMPLES[row.message]), need_reply=need_reply)
+    wire = codec.serialize(msg)
+    assert codec.HEADER.unpack_from(wire)[0] == row.code == codec.request_code(msg)
+    assert fits(row.layout, wire[codec.HEADER.size :])
+    assert parse_row(row, wire, msg.fds) == msg
+
+
+@pytest.mark.parametrize(("row", "shape"), REPLY_ROWS, ids=[row_name(r) for r, _ in REPLY_ROWS])
+@given(data=st.data())
+def test_every_reply_round_trips(row: Row, shape: ReplyRow, data: st.DataObject) -> None:
+    reply = data.draw(REPLY_EXAMPLES[shape.message](row.code))
+    wire = codec.serialize_reply(reply)
+    header = codec.parse_header(wire[: codec.HEADER.size])
+    assert header.is_reply and header.request == row.code
+    assert fits(shape.layout, wire[codec.HEADER.size :])
+    fds = (reply.fd,) if isinstance(reply, codec.InflightReply) else ()
+    assert codec.parse_reply(row.code, header, wire[codec.HEADER.size :], fds) == reply
+
+
+def resized(data: st.DataObject, payload: bytes) -> bytes:
+    """``payload`` cut short or padded: at least one byte off, either way."""
+    cut = st.integers(0, len(payload) - 1).map(lambda n: payload[:n])
+    pad = st.binary(min_size=1, max_size=16).map(lambda extra: payload + extra)
+    return data.draw(st.one_of(cut, pad) if payload else pad)
+
+
+FIXED_ROWS = [row for row in ROWS if layout_sizes(row.layout)[1] == 0]
+FIXED_REPLY_ROWS = [
+    (r, shape) for r, shape in DISTINCT_REPLY_ROWS if layout_sizes(shape.layout)[1] == 0
+]
+
+
+@pytest.mark.parametrize("row", FIXED_ROWS, ids=row_name)
+@given(data=st.data())
+def test_fixed_size_rows_refuse_truncated_or_padded_payloads(row: Row, data: st.DataObject) -> None:
+    msg = data.draw(EXAMPLES[row.message])
+    payload = resized(data, codec.serialize(msg)[codec.HEADER.size :])
+    expected = f"^{row_name(row)}: payload is {len(payload)} bytes, expected {row.layout.size}$"
+    with pytest.raises(FrontendProtocolError, match=expected):
+        parse_row(row, frame(row.code, payload), msg.fds)
+
+
+@pytest.mark.parametrize(
+    ("row", "shape"), FIXED_REPLY_ROWS, ids=[row_name(r) for r, _ in FIXED_REPLY_ROWS]
+)
+@given(data=st.data())
+def test_fixed_size_replies_refuse_truncated_or_padded_payloads(
+    row: Row, shape: ReplyRow, data: st.DataObject
+) -> None:
+    reply = data.draw(REPLY_EXAMPLES[shape.message](row.code))
+    payload = resized(data, codec.serialize_reply(reply)[codec.HEADER.size :])
+    fds = (reply.fd,) if isinstance(reply, codec.InflightReply) else ()
+    header = codec.Header(row.code, codec.VERSION | codec.FLAG_REPLY, len(payload))
+    expected = f"^{row_name(row)}: payload is {len(payload)} bytes, expected {shape.layout.size}$"
+    with pytest.raises(FrontendProtocolError, match=expected):
+        codec.parse_reply(row.code, header, payload, fds)
+
+
+def test_backend_channel_ack_is_named_after_the_backend_request() -> None:
+    code = BackendRequest.CONFIG_CHANGE_MSG
+    data = codec.serialize_reply(codec.U64Reply(code, 0))
+    header = codec.parse_header(data[:12])
+    assert codec.parse_reply(code, header, data[12:]) == codec.U64Reply(code, 0)
+    with pytest.raises(FrontendProtocolError, match=r"^CONFIG_CHANGE_MSG: payload is 4 bytes"):
+        codec.parse_reply(code, dataclasses.replace(header, size=4), bytes(4))

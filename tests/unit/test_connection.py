@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from memory import GuestMemory
 from tests.protocol.echo_device import BOOM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, EchoDevice
 from tests.protocol.frontend import (
     BUFFERS_GPA,
     DEFAULT_LAYOUT,
+    BackendRefused,
     Driver,
     Frontend,
     FrontendMemory,
@@ -32,6 +34,8 @@ from vhost_user.connection import MAX_MEM_SLOTS, OFFERED_PROTOCOL_FEATURES, Conn
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
 from vhost_user.protocol import codec
 from vhost_user.queue_worker import STUCK_LIMIT, QueueWorker
+from vhost_user.ring.split import SplitVirtqueue
+from vhost_user.ring.virtqueue import Virtqueue, VirtqueueFactory
 
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | codec.VHOST_USER_F_PROTOCOL_FEATURES
 
@@ -419,6 +423,87 @@ def test_failed_get_config_gets_an_empty_reply(backend: Backend) -> None:
 def test_hostile_frontend_is_dropped(backend: Backend, case: str, match: str) -> None:
     hostile(backend.fe, backend.memory, case)
     backend.expect_dropped(match)
+
+
+def _broken_factory(
+    memory: GuestMemory,
+    size: int,
+    desc_gpa: int,
+    avail_gpa: int,
+    used_gpa: int,
+    *,
+    event_idx: bool,
+    next_avail_idx: int = 0,
+    used_idx: int | None = None,
+) -> Virtqueue:
+    raise ValueError("a bug of ours")
+
+
+@pytest.mark.parametrize("where", ["virtqueue factory", "device config read"])
+def test_a_bug_of_ours_is_not_blamed_on_the_frontend(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ValueError is local misuse (vhost_user.errors): one escaping a handler, for values the
+    front-end sent correctly, still tells the front-end its request failed and ends the
+    connection, but propagates as itself (the server logs it as ours) instead of passing for a
+    FrontendProtocolError."""
+    before = open_fds()
+    device = EchoDevice()
+    factory: VirtqueueFactory = _broken_factory if where == "virtqueue factory" else SplitVirtqueue
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = Connection(theirs, device, message_timeout=2.0, virtqueue_factory=factory)
+    returned: list[FrontendProtocolError | None] = []
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            returned.append(conn.run())
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    memory = FrontendMemory()
+    fe = Frontend(ours, timeout=5.0)
+    try:
+        fe.handshake()
+        fe.set_features(FEATURES)
+        if where == "virtqueue factory":
+            fe.set_mem_table(memory)
+            lay = ring_layout(0)
+            fe.call(codec.SetVringNum(0, lay.size))
+            fe.call(
+                codec.SetVringAddr(
+                    0, 0, memory.uva(lay.desc), memory.uva(lay.used), memory.uva(lay.avail), 0
+                )
+            )
+            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            try:
+                fe.call(codec.SetVringKick(0, kick))
+            finally:
+                os.close(kick)
+            with pytest.raises(BackendRefused):
+                fe.set_vring_enable(0, True)  # the ring starts: the factory raises
+        else:
+
+            def broken_read_config(offset: int, size: int) -> bytes:
+                raise ValueError("a bug of ours")
+
+            monkeypatch.setattr(device, "read_config", broken_read_config)
+            assert fe.get_config(0, 8) == b""  # inside the config space: the device's bug
+        thread.join(5)
+        assert not thread.is_alive(), "connection thread did not end"
+        assert returned == [], "a bug of ours was blamed on the front-end"
+        assert len(raised) == 1 and type(raised[0]) is ValueError, raised
+        assert "a bug of ours" in str(raised[0])
+        with pytest.raises(ConnectionClosed):
+            fe.transport.receive_raw()
+    finally:
+        fe.close()
+        thread.join(5)
+        memory.close()
+    assert conn.memory is None
+    assert open_fds() <= before, "the connection leaked fds"
 
 
 def test_truncated_message_drops_the_connection(backend: Backend) -> None:

@@ -1,160 +1,76 @@
 """QcowDisk: a qcow2 image (the qcow-lite subset) behind the Disk interface.
 
-Reads map each guest cluster through L1/L2 (cached in memory) and move allocated data with
-``os.preadv`` straight into guest pages. Writes to allocated clusters go straight to the file;
-writes that need a new cluster allocate it in memory, write the data, and leave the metadata
-dirty. :meth:`QcowDisk.flush` writes metadata back in QEMU's order (see ``alloc``), so the file
-on disk is always a consistent image (at worst with leaked clusters) and we never set the dirty
-bit.
+This module is the guest's side: it checks each request and decides, cluster by cluster, how
+to serve it. The qcow2 rules it relies on live beside it:
+
+- ``header``: the on-disk layouts, header parsing and the qcow-lite subset;
+- ``clustermap``: L1/L2 lookups (guest offset -> host extents) and the L2 table cache;
+- ``alloc``: refcounts and cluster allocation;
+- ``writeback``: the order metadata reaches the disk in, and when freed clusters are reused;
+- ``backing``: the backing chain; ``compress``: compressed clusters; ``bitmaps``: persistent
+  bitmaps (dropped at a writable open); ``iovecs``: cutting and filling guest buffers.
+
+Reads map each guest cluster through L1/L2 and move allocated data with ``os.preadv`` straight
+into guest pages. Writes to clusters only this image references (COPIED) go straight to the
+file; a write that needs a new cluster (unallocated, compressed, zero, or shared) allocates it
+in memory, writes the data (filled out to the whole cluster with what it read as before: copy
+on write), and leaves the metadata dirty. :meth:`QcowDisk.flush` writes the metadata back in
+QEMU's order (``writeback``), so the file on disk is always a consistent image (at worst with
+leaked clusters) and we never set the dirty bit.
 
 Concurrency: one metadata lock. Writes to allocated clusters run outside it; each carries a
 sequence number, and a freed cluster is not reused while a write that started before the free
 may still touch it (else a late guest write could land on a reused metadata cluster). Reads of
-plain clusters look their mapping up without the lock (see ``_contiguous_host``): a read never
-changes the image, and one racing the guest's own discard may return old or new data.
+plain clusters look their mapping up without the lock (``ClusterMap.contiguous_host``): a read
+never changes the image, and one racing the guest's own discard may return old or new data.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import struct
 import threading
-from collections import OrderedDict
-from dataclasses import replace
-from typing import Final, Protocol
+from typing import Final, NoReturn
 
 import structlog
 
 from blkdev.disks.disk import SECTOR_SIZE
-from blkdev.disks.hostfile import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    ImageFile,
-    fallocate,
-    lock_image,
-    open_image_file,
+from blkdev.disks.hostfile import ImageFile, lock_image, open_image_file
+from blkdev.disks.qcow.alloc import Refcounts
+from blkdev.disks.qcow.backing import Backing, open_backing, read_backing
+from blkdev.disks.qcow.bitmaps import drop_bitmaps
+from blkdev.disks.qcow.clustermap import (
+    BACKING,
+    NORMAL,
+    ZERO,
+    ClusterMap,
+    read_l1_table,
 )
-from blkdev.disks.qcow.alloc import PendingFree, Refcounts
-from blkdev.disks.qcow.compress import decompress_cluster
+from blkdev.disks.qcow.compress import CompressedClusters
 from blkdev.disks.qcow.header import (
-    AUTOCLEAR_BITMAPS,
-    BITMAP_DIR_ENTRY,
-    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
-    L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
-    MAX_CLUSTER_BITS,
-    OFF_AUTOCLEAR_FEATURES,
+    MAX_L1_BYTES,
     OFF_INCOMPATIBLE_FEATURES,
-    OFF_REFCOUNT_TABLE_OFFSET,
+    OFF_SIZE,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
     U64,
     QcowHeader,
     check_supported,
-    extensions_without,
-    parse_header,
+    l1_entries_needed,
+    read_header,
 )
-from blkdev.errors import DiskIOError, ImageCorruptError, ImageError, UnsupportedImageError
+from blkdev.disks.qcow.iovecs import ZEROS, copy_into, slice_vecs, zero_vecs
+from blkdev.disks.qcow.writeback import InflightIo, Writeback
+from blkdev.errors import DiskIOError, ImageCorruptError, ImageError, ResizeRefused
 from memory import IoBuffers
 
 log = structlog.get_logger(__name__)
 
-MAX_BACKING_DEPTH: Final = 32
-#: Dirty metadata beyond this many bytes is written back without waiting for a guest flush.
-_DIRTY_LIMIT: Final = 16 << 20
-#: Clean L2 tables kept in memory.
-_L2_CACHE_LIMIT: Final = 64 << 20
-_PENDING_FREE_LIMIT: Final = 4096
-_PLAIN_MAP_LIMIT: Final = 1 << 20
-#: Bitmap directories and tables above this are not walked (their clusters then leak).
-_BITMAP_DIR_LIMIT: Final = 64 << 20
-_DECOMPRESSED_CACHE: Final = 8
-_ZEROS: Final = bytes(1 << MAX_CLUSTER_BITS)
-_REFT_FIELDS: Final = struct.Struct(">QI")
-_unpack_u64: Final = U64.unpack_from
-
-# Extent kinds of a mapped request.
-_NORMAL: Final = 0
-_ZERO: Final = 1
-_BACKING: Final = 2
-_COMPRESSED: Final = 3
-
-
-class Backing(Protocol):
-    @property
-    def size(self) -> int: ...
-
-    def read_vecs(self, offset: int, vecs: list[memoryview]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class RawBacking:
-    """A raw backing file, read-only; bytes past its end read as zeros."""
-
-    def __init__(self, f: ImageFile, size: int) -> None:
-        self._f = f
-        self._size = size
-
-    @classmethod
-    def open(cls, path: str) -> RawBacking:
-        fd = open_image_file(path, read_only=True)
-        f = ImageFile(fd, path)
-        try:
-            lock_image(fd, path, read_only=True)
-            return cls(f, f.size())
-        except BaseException:
-            f.close()
-            raise
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def read_vecs(self, offset: int, vecs: list[memoryview]) -> None:
-        self._f.preadv(vecs, offset)
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def _slice_vecs(vecs: list[memoryview], start: int, length: int) -> list[memoryview]:
-    """Bytes ``[start, start+length)`` of the concatenation of ``vecs``."""
-    out: list[memoryview] = []
-    pos = 0
-    for v in vecs:
-        n = len(v)
-        if pos + n <= start:
-            pos += n
-            continue
-        lo = max(0, start - pos)
-        hi = min(n, start + length - pos)
-        if hi > lo:
-            out.append(v[lo:hi])
-        pos += n
-        if pos >= start + length:
-            break
-    return out
-
-
-def _copy_into(vecs: list[memoryview], data: bytes | memoryview) -> None:
-    pos = 0
-    for v in vecs:
-        n = len(v)
-        v[:] = data[pos : pos + n]
-        pos += n
-
-
-def _zero_vecs(vecs: list[memoryview]) -> None:
-    for v in vecs:
-        n = len(v)
-        pos = 0
-        while pos < n:
-            take = min(n - pos, len(_ZEROS))
-            v[pos : pos + take] = _ZEROS[:take]
-            pos += take
+#: Header bytes 24..48: size, crypt_method, l1_size, l1_table_offset (qcow2.txt "Header").
+_SIZE_AND_L1: Final = struct.Struct(">QIIQ")
 
 
 class QcowDisk:
@@ -167,44 +83,37 @@ class QcowDisk:
 
     def __init__(
         self,
-        f: ImageFile,
-        h: QcowHeader,
+        file: ImageFile,
+        header: QcowHeader,
         l1: list[int],
         *,
         read_only: bool,
         backing: Backing | None,
     ) -> None:
-        self._f = f
-        self._h = h
-        self._path = f.path
-        self._l1 = l1
+        self._file = file
+        self._header = header
+        self._path = file.path
         self._read_only = read_only
         self._backing = backing
-        self._bits = h.cluster_bits
-        self._cs = h.cluster_size
-        self._l2_bits = h.cluster_bits - 3
-        self._l2_mask = (1 << self._l2_bits) - 1
-        #: L2 entry bits that make a cluster other than a plain, aligned data cluster.
-        self._not_plain = OFLAG_COMPRESSED | OFLAG_ZERO | (L2E_OFFSET_MASK & (self._cs - 1))
+        self._cluster_bits = header.cluster_bits
+        self._cluster_size = header.cluster_size
         self._lock = threading.RLock()
-        self._l2_cache: dict[int, bytearray] = {}
-        #: Guest cluster -> host offset of plain data clusters, for single-cluster reads
-        #: without the lock. Filled under the lock; every L2 entry change drops its key.
-        self._plain: dict[int, int] = {}
-        self._dirty_l2: set[int] = set()
-        self._dirty_l1: set[int] = set()
-        self._decompressed: OrderedDict[int, bytes] = OrderedDict()
-        self._file_size = f.size()
+        self._clusters = ClusterMap(
+            file,
+            header,
+            l1,
+            file.size(),
+            has_backing=backing is not None,
+            mark_corrupt=self._signal_corruption,
+        )
+        self._compressed = CompressedClusters(file, header)
+        self._inflight = InflightIo()
+        #: Set by :meth:`_open_writable`; None for a read-only image.
+        self._refcounts: Refcounts | None = None
+        self._writeback: Writeback | None = None
         self._closed = False
         self._corrupt = False
-        self._flush_error: DiskIOError | None = None
-        self._unsynced = False
-        self._io_seq = 0
-        self._inflight: dict[int, None] = {}
-        self._pending_free: list[PendingFree] = []
-        self._refs: Refcounts | None = None
-        self._can_punch = True
-        self.log = log.bind(image=f.path)
+        self.log = log.bind(image=file.path)
 
     # ----------------------------------------------------------------- opening
 
@@ -216,118 +125,61 @@ class QcowDisk:
     @classmethod
     def _open(cls, path: str, *, read_only: bool, allow_backing: bool, depth: int) -> QcowDisk:
         fd = open_image_file(path, read_only=read_only)
-        f = ImageFile(fd, path)
+        file = ImageFile(fd, path)
         backing: Backing | None = None
         try:
             lock_image(fd, path, read_only=read_only)
-            file_size = f.size()
-            h = parse_header(f.pread(0, min(file_size, 1 << MAX_CLUSTER_BITS)), file_size, path)
-            check_supported(h, path, writable=not read_only)
-            if h.backing_file is not None:
+            header = read_header(file)
+            check_supported(header, path, writable=not read_only)
+            if header.backing_file is not None:
                 if not allow_backing:
                     raise ImageError(
-                        f"{path} is a qcow2 image with a backing file ({h.backing_file}), and "
-                        "its format was only probed: pass --format qcow2 to use the backing "
+                        f"{path} is a qcow2 image with a backing file ({header.backing_file}), "
+                        "and its format was only probed: pass --format qcow2 to use the backing "
                         "file"
                     )
-                backing = _open_backing(h, path, depth)
-            raw_l1 = f.pread(h.l1_table_offset, 8 * h.l1_size) if h.l1_size else b""
-            l1 = list(struct.unpack(f">{h.l1_size}Q", raw_l1))
-            disk = cls(f, h, l1, read_only=read_only, backing=backing)
+                backing = open_backing(header, path, depth, cls._open_backing_file)
+            l1 = read_l1_table(file, header)
+            disk = cls(file, header, l1, read_only=read_only, backing=backing)
             if not read_only:
                 disk._open_writable()
             return disk
         except OSError as e:
             if backing is not None:
                 backing.close()
-            f.close()
+            file.close()
             raise ImageError(f"cannot use {path}: {e.strerror}") from None
         except BaseException:
             if backing is not None:
                 backing.close()
-            f.close()
+            file.close()
             raise
 
+    @classmethod
+    def _open_backing_file(cls, path: str, depth: int) -> QcowDisk:
+        return cls._open(path, read_only=True, allow_backing=True, depth=depth)
+
     def _open_writable(self) -> None:
-        h = self._h
-        raw = self._f.pread(h.refcount_table_offset, h.refcount_table_clusters * self._cs)
-        table = list(struct.unpack(f">{len(raw) // 8}Q", raw))
-        refs = Refcounts(self._f, h, table, self._file_size)
-        refs.meta.update(
-            range(
-                h.l1_table_offset >> self._bits,
-                (h.l1_table_offset + 8 * h.l1_size + self._cs - 1) >> self._bits,
-            )
+        header = self._header
+        raw = self._file.pread(
+            header.refcount_table_offset, header.refcount_table_clusters * self._cluster_size
         )
-        for e in self._l1:
-            off = e & L1E_OFFSET_MASK
-            if off:
-                refs.meta.add(off >> self._bits)
-        self._refs = refs
-        if h.autoclear_features or h.bitmaps is not None:
-            self._drop_bitmaps(refs)
-
-    def _drop_bitmaps(self, refs: Refcounts) -> None:
-        """Persistent bitmaps would go stale under our writes. qcow2.txt: a writer that does
-        not know an autoclear bit clears it; then the bitmaps are ignored (their clusters
-        leak), so we also drop the extension and free the clusters, in that order."""
-        h = self._h
-        owned = self._bitmap_clusters(refs) if h.autoclear_features & AUTOCLEAR_BITMAPS else []
-        self._f.pwrite(OFF_AUTOCLEAR_FEATURES, U64.pack(0))
-        self._f.sync()
-        types = h.extension_types
-        if EXT_BITMAPS in types:
-            first = self._f.pread(0, min(self._file_size, self._cs))
-            self._f.pwrite(h.header_length, extensions_without(first, h, EXT_BITMAPS))
-            self._f.sync()
-            types = tuple(t for t in types if t != EXT_BITMAPS)
-        self._h = replace(h, autoclear_features=0, bitmaps=None, extension_types=types)
+        table = list(struct.unpack(f">{len(raw) // 8}Q", raw))
+        refcounts = Refcounts(self._file, header, table, self._clusters.file_size)
+        refcounts.meta.update(self._clusters.metadata_clusters())
+        writeback = Writeback(self._file, self._clusters, refcounts, self._inflight, self.log)
+        self._refcounts = refcounts
+        self._writeback = writeback
+        self._header, owned = drop_bitmaps(self._file, header, refcounts, self._clusters.file_size)
         # Decremented at the next writeback, like every other dropped reference.
-        self._pending_free += [PendingFree(self._io_seq, c << self._bits, self._cs) for c in owned]
-
-    def _bitmap_clusters(self, refs: Refcounts) -> list[int]:
-        """The clusters the bitmap directory, tables and data occupy; empty (they leak)
-        unless every one is a counted, non-metadata cluster of the file named once."""
-        h = self._h
-        if h.bitmaps is None:
-            return []
-        nb, dir_size, dir_offset = h.bitmaps
-        out: list[int] = []
-
-        def add(offset: int, length: int) -> bool:
-            if not length or offset % self._cs or offset + length > self._file_size:
-                return False
-            out.extend(range(offset >> self._bits, ((offset + length - 1) >> self._bits) + 1))
-            # Each cluster may be named once, so a longer list is already invalid.
-            return len(out) <= self._file_size >> self._bits
-
-        if dir_size > _BITMAP_DIR_LIMIT or not add(dir_offset, dir_size):
-            return []
-        directory = self._f.pread(dir_offset, dir_size)
-        pos = 0
-        for _ in range(nb):
-            if pos + BITMAP_DIR_ENTRY.size > len(directory):
-                return []
-            table_offset, table_size, _, _, _, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(
-                directory, pos
-            )
-            pos += BITMAP_DIR_ENTRY.size + extra + name_size
-            pos += -pos % 8
-            if table_size * 8 > _BITMAP_DIR_LIMIT or not add(table_offset, table_size * 8):
-                return []
-            table = self._f.pread(table_offset, table_size * 8)
-            for (e,) in struct.iter_unpack(">Q", table):
-                if e & L2E_OFFSET_MASK and not add(e & L2E_OFFSET_MASK, self._cs):
-                    return []
-        if len(set(out)) != len(out) or any(c in refs.meta or not refs.get(c) for c in out):
-            return []
-        return out
+        for cluster in owned:
+            writeback.free_later(cluster << self._cluster_bits, self._cluster_size)
 
     # ----------------------------------------------------------------- properties
 
     @property
     def size(self) -> int:
-        return self._h.size
+        return self._header.size
 
     @property
     def read_only(self) -> bool:
@@ -342,289 +194,177 @@ class QcowDisk:
         return not self._read_only
 
     @property
+    def rdev(self) -> int | None:
+        return None  # only this process changes a qcow2 image's size
+
+    @property
     def header(self) -> QcowHeader:
-        return self._h
+        return self._header
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         if self._closed:
             raise ValueError("disk is closed")
         if write and self._read_only:
             raise ValueError("write to a read-only disk")
-        if offset < 0 or length < 0 or offset + length > self._h.size:
-            raise ValueError(f"range {offset}+{length} outside the disk ({self._h.size} bytes)")
+        if offset < 0 or length < 0 or offset + length > self._header.size:
+            raise ValueError(
+                f"range {offset}+{length} outside the disk ({self._header.size} bytes)"
+            )
         if offset % SECTOR_SIZE or length % SECTOR_SIZE:
             raise ValueError(f"range {offset}+{length} is not in whole sectors")
 
-    # ----------------------------------------------------------------- mapping
-
-    def _l2_table(self, off: int) -> bytearray:
-        table = self._l2_cache.get(off)
-        if table is not None:
-            return table
-        if off % self._cs or off + self._cs > self._file_size:
-            raise ImageCorruptError(
-                f"{self._path}: L2 table at {off:#x} is unaligned or past the end of the image"
-            )
-        if len(self._l2_cache) * self._cs >= _L2_CACHE_LIMIT:
-            for k in [k for k in self._l2_cache if k not in self._dirty_l2][
-                : len(self._l2_cache) // 2
-            ]:
-                del self._l2_cache[k]
-        table = bytearray(self._f.pread(off, self._cs))
-        self._l2_cache[off] = table
-        return table
-
-    def _l2_entry(self, gc: int) -> int:
-        l1e = self._l1[gc >> self._l2_bits]
-        off = l1e & L1E_OFFSET_MASK
-        if not off:
-            return 0
-        table = self._l2_table(off)
-        return int(U64.unpack_from(table, (gc & self._l2_mask) * 8)[0])
-
-    def _map(self, offset: int, length: int) -> list[list[int]]:
-        """Extents ``[kind, rel, length, arg]`` covering the request (``rel`` counts from
-        ``offset``); ``arg`` is the host offset (normal), guest offset (backing) or L2 entry
-        (compressed). Called under the lock."""
-        cs = self._cs
-        out: list[list[int]] = []
-        pos = offset
-        end = offset + length
-        backing = self._backing is not None
-        while pos < end:
-            in_c = pos & (cs - 1)
-            take = min(cs - in_c, end - pos)
-            entry = self._l2_entry(pos >> self._bits)
-            if entry & OFLAG_COMPRESSED:
-                kind, arg = _COMPRESSED, entry
-            elif entry & OFLAG_ZERO:
-                kind, arg = _ZERO, 0
-            else:
-                host = entry & L2E_OFFSET_MASK
-                if host:
-                    if host & (cs - 1):
-                        raise ImageCorruptError(
-                            f"{self._path}: data cluster offset {host:#x} is unaligned"
-                        )
-                    kind, arg = _NORMAL, host + in_c
-                elif backing:
-                    kind, arg = _BACKING, pos
-                else:
-                    kind, arg = _ZERO, 0
-            if out and kind != _COMPRESSED:
-                last = out[-1]
-                if last[0] == kind and (kind == _ZERO or last[3] + last[2] == arg):
-                    last[2] += take
-                    pos += take
-                    continue
-            out.append([kind, pos - offset, take, arg])
-            pos += take
-        return out
-
-    def _begin_io(self) -> int:
-        seq = self._io_seq
-        self._io_seq += 1
-        self._inflight[seq] = None
-        return seq
-
-    def _end_io(self, seq: int, wrote: bool = False) -> None:
+    def _end_io(self, seq: int, *, wrote: bool = False) -> None:
         with self._lock:
-            del self._inflight[seq]
+            self._inflight.end(seq)
             if wrote:
+                assert self._writeback is not None
                 # Set only now: a flush that ran while this write was in flight must not
                 # make the next flush skip its fdatasync.
-                self._unsynced = True
+                self._writeback.data_written()
 
     # ----------------------------------------------------------------- reads
 
     def read(self, offset: int, buffers: IoBuffers) -> None:
-        n = len(buffers)
-        self._check(offset, n, write=False)
-        if n == 0:
+        length = len(buffers)
+        self._check(offset, length, write=False)
+        if length == 0:
             return
-        gc = offset >> self._bits
-        if (offset + n - 1) >> self._bits == gc:
-            host = self._plain.get(gc, -1)
+        clusters = self._clusters
+        guest_cluster = offset >> self._cluster_bits
+        if (offset + length - 1) >> self._cluster_bits == guest_cluster:
+            host = clusters.plain_host(guest_cluster)
             if host < 0:
                 with self._lock:
-                    host = self._contiguous_host(offset & -self._cs, self._cs, 0)
-                    if host >= 0 and len(self._plain) < _PLAIN_MAP_LIMIT:
-                        self._plain[gc] = host
+                    host = clusters.remember_plain(guest_cluster)
             if host >= 0:
+                in_cluster = offset & (self._cluster_size - 1)
                 with buffers.lock(True) as locked:
-                    self._f.preadv(locked.io_vecs(), host + (offset & (self._cs - 1)), n)
+                    self._file.preadv(locked.io_vecs(), host + in_cluster, length)
                 return
         with buffers.lock(True) as locked:
             vecs = locked.io_vecs()
-            host = self._contiguous_host(offset, n, 0)
+            host = clusters.contiguous_host(offset, length, 0)
             if host >= 0:
-                self._f.preadv(vecs, host, n)
+                self._file.preadv(vecs, host, length)
             else:
                 self.read_vecs(offset, vecs)
-
-    def _contiguous_host(self, offset: int, length: int, need: int) -> int:
-        """The host offset of guest bytes ``[offset, offset+length)`` when they lie in normal
-        clusters, contiguous in the file, whose L2 tables are cached and whose entries carry
-        the flags ``need``; else -1 (take the general path).
-
-        Reads use this without the metadata lock: a cached table is the live one, and one
-        entry is read by a single C call. A read racing the guest's own discard or write of the
-        same range may see old or new data, as the guest must expect anyway; it never writes.
-        """
-        bits = self._bits
-        gc = offset >> bits
-        last = (offset + length - 1) >> bits
-        if gc == last:
-            # One cluster: the common case, kept short.
-            table = self._l2_cache.get(self._l1[gc >> self._l2_bits] & L1E_OFFSET_MASK)
-            if table is None:
-                return -1
-            entry = _unpack_u64(table, (gc & self._l2_mask) << 3)[0]
-            host = entry & L2E_OFFSET_MASK
-            if entry & self._not_plain or not host or entry & need != need:
-                return -1
-            return int(host + (offset & (self._cs - 1)))
-        cs_mask = self._cs - 1
-        expected = -1
-        start = -1
-        while gc <= last:
-            table = self._l2_cache.get(self._l1[gc >> self._l2_bits] & L1E_OFFSET_MASK)
-            if table is None:
-                return -1
-            entry = _unpack_u64(table, (gc & self._l2_mask) << 3)[0]
-            host = entry & L2E_OFFSET_MASK
-            if (
-                entry & (OFLAG_COMPRESSED | OFLAG_ZERO)
-                or not host
-                or host & cs_mask
-                or entry & need != need
-            ):
-                return -1
-            if start < 0:
-                start = host + (offset & cs_mask)
-            elif host != expected:
-                return -1
-            expected = host + self._cs
-            gc += 1
-        return int(start)
 
     def read_vecs(self, offset: int, vecs: list[memoryview]) -> None:
         """Read ``sum(len(v))`` bytes at ``offset`` into ``vecs`` (any byte alignment)."""
         length = sum(len(v) for v in vecs)
         with self._lock:
-            extents = self._map(offset, length)
-            seq = self._begin_io()
+            extents = self._clusters.extents(offset, length)
+            seq = self._inflight.begin()
         try:
-            if len(extents) == 1 and extents[0][0] == _NORMAL:
-                self._f.preadv(vecs, extents[0][3])
+            if len(extents) == 1 and extents[0].kind == NORMAL:
+                self._file.preadv(vecs, extents[0].source)
                 return
-            for kind, rel, n, arg in extents:
-                part = _slice_vecs(vecs, rel, n)
-                if kind == _NORMAL:
-                    self._f.preadv(part, arg)
-                elif kind == _ZERO:
-                    _zero_vecs(part)
-                elif kind == _BACKING:
-                    self._read_backing(arg, n, part)
+            for extent in extents:
+                part = slice_vecs(vecs, extent.start, extent.length)
+                if extent.kind == NORMAL:
+                    self._file.preadv(part, extent.source)
+                elif extent.kind == ZERO:
+                    zero_vecs(part)
+                elif extent.kind == BACKING:
+                    self._read_backing(extent.source, extent.length, part)
                 else:
-                    data = self._decompress(arg)
-                    in_c = (offset + rel) & (self._cs - 1)
-                    _copy_into(part, memoryview(data)[in_c : in_c + n])
+                    data = self._decompress(extent.source)
+                    in_cluster = (offset + extent.start) & (self._cluster_size - 1)
+                    copy_into(part, memoryview(data)[in_cluster : in_cluster + extent.length])
         finally:
             self._end_io(seq)
 
     def _read_backing(self, offset: int, length: int, vecs: list[memoryview]) -> None:
-        backing = self._backing
-        assert backing is not None
-        inside = max(0, min(length, backing.size - offset))
-        if inside:
-            backing.read_vecs(offset, _slice_vecs(vecs, 0, inside))
-        if inside < length:
-            _zero_vecs(_slice_vecs(vecs, inside, length - inside))
+        assert self._backing is not None
+        read_backing(self._backing, offset, length, vecs)
 
     def _decompress(self, entry: int) -> bytes:
-        with self._lock:
-            cached = self._decompressed.get(entry)
-            if cached is not None:
-                self._decompressed.move_to_end(entry)
-                return cached
-        h = self._h
-        coff = entry & h.cluster_offset_mask
-        nb = ((entry >> h.csize_shift) & h.csize_mask) + 1
-        csize = nb * SECTOR_SIZE - (coff & (SECTOR_SIZE - 1))
-        # The stream may end short of the sectors it names (QEMU reads past the end of the
-        # file as zeros); it may not start past the end.
-        if coff >= self._file_size:
-            raise ImageCorruptError(
-                f"{self._path}: compressed cluster at {coff:#x} lies past the end of the image"
+        return self._compressed.read(entry, self._clusters.file_size)
+
+    def _cluster_content(self, guest_cluster: int, entry: int) -> memoryview:
+        """What ``guest_cluster`` (L2 entry ``entry``) reads as now, for a partial write's
+        fill."""
+        cluster_size = self._cluster_size
+        if entry & OFLAG_COMPRESSED:
+            return memoryview(self._decompress(entry))
+        host = entry & L2E_OFFSET_MASK
+        if entry & OFLAG_ZERO:
+            return memoryview(ZEROS)[:cluster_size]
+        buf = bytearray(cluster_size)
+        if host:
+            self._file.preadv([memoryview(buf)], host)
+        elif self._backing is not None:
+            guest_offset = guest_cluster << self._cluster_bits
+            self._read_backing(
+                guest_offset, min(cluster_size, self._header.size - guest_offset), [memoryview(buf)]
             )
-        data = decompress_cluster(self._f.pread(coff, csize), self._cs, h.compression_type)
-        with self._lock:
-            self._decompressed[entry] = data
-            while len(self._decompressed) > _DECOMPRESSED_CACHE:
-                self._decompressed.popitem(last=False)
-        return data
+        return memoryview(buf)
 
     # ----------------------------------------------------------------- writes
 
     def write(self, offset: int, buffers: IoBuffers) -> None:
-        n = len(buffers)
-        self._check(offset, n, write=True)
-        if n == 0:
+        length = len(buffers)
+        self._check(offset, length, write=True)
+        if length == 0:
             return
         with buffers.lock(False) as locked:
             self._write_vecs(offset, list(locked.io_vecs()))
 
-    def _writable(self) -> Refcounts:
+    def _writable(self) -> Writeback:
         if self._corrupt:
             raise ImageCorruptError(
                 f"{self._path} was marked corrupt; check it with `qemu-img check {self._path}`"
             )
-        if self._flush_error is not None:
-            raise self._flush_error
-        assert self._refs is not None
-        return self._refs
+        writeback = self._writeback
+        assert writeback is not None
+        if writeback.error is not None:
+            raise writeback.error
+        return writeback
 
     def _write_vecs(self, offset: int, vecs: list[memoryview]) -> None:
         length = sum(len(v) for v in vecs)
         with self._lock:
-            refs = self._writable()
-            host = self._contiguous_host(offset, length, OFLAG_COPIED)
+            writeback = self._writable()
+            host = self._clusters.contiguous_host(offset, length, OFLAG_COPIED)
             if host < 0:
-                self._write_allocating(refs, offset, vecs, length)
-                self._maybe_writeback()
+                self._write_allocating(writeback, offset, vecs, length)
+                writeback.maybe_write_back()
                 return
             # Allocated clusters only this image references: write in place, outside the
             # lock. The sequence number keeps them from being reused until this write ends.
-            self._check_target(refs, host, length)
-            seq = self._begin_io()
+            self._check_target(writeback.refcounts, host, length)
+            seq = self._inflight.begin()
         try:
-            self._f.pwritev(vecs, host)
+            self._file.pwritev(vecs, host)
         finally:
             self._end_io(seq, wrote=True)
 
-    def _check_target(self, refs: Refcounts, host: int, length: int) -> None:
+    def _check_target(self, refcounts: Refcounts, host_offset: int, length: int) -> None:
         """Overlap check (QEMU's qcow2_check_metadata_overlap): a data write must not land on
         metadata or past what the image has allocated."""
-        first = host >> self._bits
-        last = (host + length - 1) >> self._bits
-        limit = max(refs.end, -(-self._file_size // self._cs))
-        for c in range(first, last + 1):
-            if c in refs.meta or c >= limit:
+        bits = self._cluster_bits
+        first = host_offset >> bits
+        last = (host_offset + length - 1) >> bits
+        limit = max(refcounts.end, -(-self._clusters.file_size // self._cluster_size))
+        for cluster in range(first, last + 1):
+            if cluster in refcounts.meta or cluster >= limit:
                 self._signal_corruption(
-                    f"data write to host offset {host:#x} would overwrite metadata"
-                    if c in refs.meta
-                    else f"data cluster {c << self._bits:#x} lies past the end of the image"
+                    f"data write to host offset {host_offset:#x} would overwrite metadata"
+                    if cluster in refcounts.meta
+                    else f"data cluster {cluster << bits:#x} lies past the end of the image"
                 )
 
-    def _signal_corruption(self, why: str) -> None:
+    def _signal_corruption(self, why: str) -> NoReturn:
+        """Mark the image corrupt (the header's corrupt bit, written and synced at once, so
+        no one trusts it until it is checked) and fail. Later writes are refused, and close
+        writes nothing back."""
         self._corrupt = True
         self.log.error("image corrupt; marked", reason=why)
         if not self._read_only:
             try:
-                flags = self._h.incompatible_features | INCOMPAT_CORRUPT
-                self._f.pwrite(OFF_INCOMPATIBLE_FEATURES, U64.pack(flags))
-                self._f.sync()
+                flags = self._header.incompatible_features | INCOMPAT_CORRUPT
+                self._file.pwrite(OFF_INCOMPATIBLE_FEATURES, U64.pack(flags))
+                self._file.sync()
             except DiskIOError:
                 pass
         raise ImageCorruptError(
@@ -633,118 +373,74 @@ class QcowDisk:
         )
 
     def _write_allocating(
-        self, refs: Refcounts, offset: int, vecs: list[memoryview], length: int
+        self, writeback: Writeback, offset: int, vecs: list[memoryview], length: int
     ) -> None:
-        cs = self._cs
+        """Write ``vecs`` at guest ``offset`` cluster by cluster, under the lock: in place
+        where this image alone references the cluster, else into a new one."""
+        refcounts = writeback.refcounts
+        cluster_size = self._cluster_size
         pos = offset
         end = offset + length
         while pos < end:
-            in_c = pos & (cs - 1)
-            take = min(cs - in_c, end - pos)
-            gc = pos >> self._bits
-            part = _slice_vecs(vecs, pos - offset, take)
-            entry = self._l2_entry(gc)
+            in_cluster = pos & (cluster_size - 1)
+            take = min(cluster_size - in_cluster, end - pos)
+            guest_cluster = pos >> self._cluster_bits
+            part = slice_vecs(vecs, pos - offset, take)
+            entry = self._clusters.entry(guest_cluster)
             host = entry & L2E_OFFSET_MASK
             normal = not entry & (OFLAG_COMPRESSED | OFLAG_ZERO) and host
-            if normal and (entry & OFLAG_COPIED or refs.get(host >> self._bits) == 1):
-                if host & (cs - 1):
+            if normal and (entry & OFLAG_COPIED or refcounts.get(host >> self._cluster_bits) == 1):
+                if host & (cluster_size - 1):
                     raise ImageCorruptError(f"{self._path}: data offset {host:#x} unaligned")
-                self._check_target(refs, host + in_c, take)
-                self._f.pwritev(part, host + in_c)
+                self._check_target(refcounts, host + in_cluster, take)
+                self._file.pwritev(part, host + in_cluster)
                 if not entry & OFLAG_COPIED:
-                    self._set_l2(gc, entry | OFLAG_COPIED)
+                    self._clusters.set_entry(guest_cluster, entry | OFLAG_COPIED)
             else:
-                self._allocate_and_write(refs, gc, entry, in_c, part, take)
-            self._unsynced = True
+                self._allocate_and_write(writeback, guest_cluster, entry, in_cluster, part, take)
+            writeback.data_written()
             pos += take
 
     def _allocate_and_write(
-        self, refs: Refcounts, gc: int, entry: int, in_c: int, part: list[memoryview], take: int
+        self,
+        writeback: Writeback,
+        guest_cluster: int,
+        entry: int,
+        in_cluster: int,
+        part: list[memoryview],
+        take: int,
     ) -> None:
-        cs = self._cs
+        """Write ``part`` (``take`` bytes at ``in_cluster``) into a cluster of its own for
+        ``guest_cluster``, filled out with what the cluster read as (copy on write), and point
+        the L2 entry at it. A zero cluster that kept its allocation and is this image's alone
+        is written in place instead."""
+        refcounts = writeback.refcounts
+        cluster_size = self._cluster_size
         host = entry & L2E_OFFSET_MASK
         reuse = (
             not entry & OFLAG_COMPRESSED
             and entry & OFLAG_ZERO
             and host
-            and not host & (cs - 1)
-            and (entry & OFLAG_COPIED or refs.get(host >> self._bits) == 1)
+            and not host & (cluster_size - 1)
+            and (entry & OFLAG_COPIED or refcounts.get(host >> self._cluster_bits) == 1)
         )
-        self._writable_l2(refs, gc >> self._l2_bits)
+        self._clusters.make_writable(refcounts, guest_cluster)
         if reuse:
             target = host
-            self._check_target(refs, target, cs)
+            self._check_target(refcounts, target, cluster_size)
         else:
-            target = refs.allocate(1)
-        if take == cs:
-            self._f.pwritev(part, target)
+            target = refcounts.allocate(1)
+        if take == cluster_size:
+            self._file.pwritev(part, target)
         else:
-            base = self._cluster_content(gc, entry)
-            self._f.pwritev(
-                [base[:in_c], *part, base[in_c + take :]],
+            base = self._cluster_content(guest_cluster, entry)
+            self._file.pwritev(
+                [base[:in_cluster], *part, base[in_cluster + take :]],
                 target,
             )
-        self._set_l2(gc, target | OFLAG_COPIED)
+        self._clusters.set_entry(guest_cluster, target | OFLAG_COPIED)
         if not reuse:
-            self._release(entry)
-
-    def _cluster_content(self, gc: int, entry: int) -> memoryview:
-        """What guest cluster ``gc`` reads as now (for a partial write's fill)."""
-        cs = self._cs
-        if entry & OFLAG_COMPRESSED:
-            return memoryview(self._decompress(entry))
-        host = entry & L2E_OFFSET_MASK
-        if entry & OFLAG_ZERO:
-            return memoryview(_ZEROS)[:cs]
-        buf = bytearray(cs)
-        if host:
-            self._f.preadv([memoryview(buf)], host)
-        elif self._backing is not None:
-            self._read_backing(
-                gc << self._bits, min(cs, self._h.size - (gc << self._bits)), [memoryview(buf)]
-            )
-        return memoryview(buf)
-
-    def _writable_l2(self, refs: Refcounts, l1i: int) -> bytearray:
-        """The L2 table of L1 entry ``l1i``, allocated if missing; ours to modify."""
-        l1e = self._l1[l1i]
-        off = l1e & L1E_OFFSET_MASK
-        if off:
-            table = self._l2_table(off)
-            if not l1e & OFLAG_COPIED:
-                if refs.get(off >> self._bits) != 1:
-                    self._signal_corruption(f"L2 table at {off:#x} is shared (no snapshots)")
-                self._l1[l1i] = off | OFLAG_COPIED
-                self._dirty_l1.add(l1i)
-            return table
-        new = refs.allocate(1)
-        refs.meta.add(new >> self._bits)
-        table = bytearray(self._cs)
-        self._l2_cache[new] = table
-        self._dirty_l2.add(new)
-        self._l1[l1i] = new | OFLAG_COPIED
-        self._dirty_l1.add(l1i)
-        return table
-
-    def _set_l2(self, gc: int, entry: int) -> None:
-        off = self._l1[gc >> self._l2_bits] & L1E_OFFSET_MASK
-        table = self._l2_table(off)
-        U64.pack_into(table, (gc & self._l2_mask) * 8, entry)
-        self._plain.pop(gc, None)
-        self._dirty_l2.add(off)
-
-    def _release(self, entry: int) -> None:
-        """Queue the host bytes of an L2 entry that no longer references them."""
-        h = self._h
-        if entry & OFLAG_COMPRESSED:
-            coff = entry & h.cluster_offset_mask
-            nb = ((entry >> h.csize_shift) & h.csize_mask) + 1
-            start = coff & ~(SECTOR_SIZE - 1)
-            self._pending_free.append(PendingFree(self._io_seq, start, nb * SECTOR_SIZE))
-            return
-        host = entry & L2E_OFFSET_MASK
-        if host:
-            self._pending_free.append(PendingFree(self._io_seq, host, self._cs))
+            writeback.release(entry)
 
     # ----------------------------------------------------------------- discard / zeroes
 
@@ -759,29 +455,31 @@ class QcowDisk:
     def _zero_clusters(self, offset: int, length: int, *, unmap: bool, exact: bool) -> None:
         if length == 0:
             return
-        cs = self._cs
+        cluster_size = self._cluster_size
         end = offset + length
-        first_full = -(-offset // cs) * cs
-        last_full = end // cs * cs
+        first_full = -(-offset // cluster_size) * cluster_size
+        last_full = end // cluster_size * cluster_size
         with self._lock:
-            refs = self._writable()
+            writeback = self._writable()
             if exact:
                 # Partial clusters at either edge must read as zeros afterwards.
                 if first_full > offset:
-                    self._zero_partial(refs, offset, min(first_full, end) - offset)
+                    self._zero_partial(writeback, offset, min(first_full, end) - offset)
                 if last_full < end and last_full >= first_full:
-                    self._zero_partial(refs, last_full, end - last_full)
-            for gc in range(first_full >> self._bits, last_full >> self._bits):
-                self._zero_cluster(refs, gc, unmap=unmap)
-            self._maybe_writeback()
+                    self._zero_partial(writeback, last_full, end - last_full)
+            for guest_cluster in range(
+                first_full >> self._cluster_bits, last_full >> self._cluster_bits
+            ):
+                self._zero_cluster(writeback, guest_cluster, unmap=unmap)
+            writeback.maybe_write_back()
 
-    def _zero_partial(self, refs: Refcounts, offset: int, length: int) -> None:
+    def _zero_partial(self, writeback: Writeback, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)``, inside one cluster, read as zeros. Nothing to do
         where it already does (a zero cluster; unallocated without a backing file or over
         zeros in it); an allocated cluster gets zeros in place (``_write_allocating`` keeps
         a cluster only this image references); only what shows other content (compressed, a
         backing file's data) needs a new cluster."""
-        entry = self._l2_entry(offset >> self._bits)
+        entry = self._clusters.entry(offset >> self._cluster_bits)
         if not entry & OFLAG_COMPRESSED:
             if entry & OFLAG_ZERO:
                 return
@@ -790,12 +488,12 @@ class QcowDisk:
                     return
                 buf = bytearray(length)
                 self._read_backing(offset, length, [memoryview(buf)])
-                if buf == _ZEROS[:length]:
+                if buf == ZEROS[:length]:
                     return
-        self._write_allocating(refs, offset, [memoryview(_ZEROS)[:length]], length)
+        self._write_allocating(writeback, offset, [memoryview(ZEROS)[:length]], length)
 
-    def _zero_cluster(self, refs: Refcounts, gc: int, *, unmap: bool) -> None:
-        entry = self._l2_entry(gc)
+    def _zero_cluster(self, writeback: Writeback, guest_cluster: int, *, unmap: bool) -> None:
+        entry = self._clusters.entry(guest_cluster)
         backing = self._backing is not None
         host = entry & L2E_OFFSET_MASK
         if not entry and not backing:
@@ -807,21 +505,111 @@ class QcowDisk:
             and host
             and not entry & OFLAG_COMPRESSED
             and entry & OFLAG_COPIED
-            and not host & (self._cs - 1)
+            and not host & (self._cluster_size - 1)
         ):
             # Keep the allocation (the guest asked not to unmap); the zero flag hides the data.
             new = host | OFLAG_COPIED | OFLAG_ZERO
             if new != entry:
-                self._writable_l2(refs, gc >> self._l2_bits)
-                self._set_l2(gc, new)
+                self._clusters.make_writable(writeback.refcounts, guest_cluster)
+                self._clusters.set_entry(guest_cluster, new)
             return
-        self._writable_l2(refs, gc >> self._l2_bits)
+        self._clusters.make_writable(writeback.refcounts, guest_cluster)
         # Where a backing file would show through, only the zero flag makes the cluster read
         # as zeros; without one an unallocated cluster already does.
-        self._set_l2(gc, OFLAG_ZERO if backing else 0)
-        self._release(entry)
+        self._clusters.set_entry(guest_cluster, OFLAG_ZERO if backing else 0)
+        writeback.release(entry)
 
-    # ----------------------------------------------------------------- flush
+    # ----------------------------------------------------------------- resize
+
+    def resize(self, new_size: int, *, force: bool = False) -> None:
+        """Grow the virtual size, crash-safely (``force`` does not apply: shrinking a qcow2
+        image is refused; ``qemu-img resize --shrink`` does it with the VM stopped).
+
+        The order is QEMU's (qcow2_grow_l1_table): when the L1 table must grow, a new one is
+        allocated and its refcounts made durable, the new table is written and synced, and
+        only then does one header write (size, L1 size and offset: bytes 24..48, inside one
+        sector) switch to it; the old table is freed afterwards. A crash at any point leaves
+        either the old image or the new one, at worst with a leaked cluster.
+        """
+        del force
+        with self._lock:
+            if self._closed:
+                raise ValueError("disk is closed")
+            header = self._header
+            if self._read_only:
+                raise ResizeRefused(f"{self._path} is served read-only")
+            if new_size <= 0 or new_size % SECTOR_SIZE:
+                raise ResizeRefused(f"{new_size} is not a positive multiple of {SECTOR_SIZE} bytes")
+            if new_size < header.size:
+                raise ResizeRefused(
+                    f"{new_size} is smaller than the disk ({header.size} bytes): shrinking a "
+                    "qcow2 image is not supported while serving (with the VM stopped: "
+                    "qemu-img resize --shrink)"
+                )
+            if new_size == header.size:
+                return
+            l1_size = l1_entries_needed(new_size, self._cluster_bits)
+            if l1_size * 8 > MAX_L1_BYTES:
+                raise ResizeRefused(f"{new_size} bytes needs an L1 table larger than QEMU allows")
+            writeback = self._writable()
+            # Everything dirty goes first: the L1 entries are then clean, so the table
+            # copied below is the one on disk.
+            writeback.write_back()
+            file = self._file
+            try:
+                if l1_size <= header.l1_size:
+                    file.pwrite(OFF_SIZE, U64.pack(new_size))
+                    file.sync()
+                    self._header = dataclasses.replace(header, size=new_size)
+                else:
+                    self._grow_l1(writeback, header, new_size, l1_size)
+            except DiskIOError:
+                self.log.error("resize failed", size=new_size)
+                raise
+        self.log.info("image resized", size=new_size)
+
+    def _grow_l1(
+        self, writeback: Writeback, header: QcowHeader, new_size: int, l1_size: int
+    ) -> None:
+        file = self._file
+        refcounts = writeback.refcounts
+        table_bytes = l1_size * 8
+        n_clusters = -(-table_bytes // self._cluster_size)
+        table_offset = refcounts.allocate(n_clusters)
+        for c in range(
+            table_offset >> self._cluster_bits, (table_offset >> self._cluster_bits) + n_clusters
+        ):
+            refcounts.meta.add(c)
+        # 1. The new table's refcounts (the data is already synced).
+        writeback.write_back()
+        # 2. The new table: the old entries, then zeros, padded to whole clusters.
+        l1 = self._clusters.l1_entries() + [0] * (l1_size - header.l1_size)
+        table = bytearray(n_clusters * self._cluster_size)
+        struct.pack_into(f">{l1_size}Q", table, 0, *l1)
+        file.pwrite(table_offset, table)
+        file.sync()
+        # 3. One header write switches to it.
+        file.pwrite(
+            OFF_SIZE, _SIZE_AND_L1.pack(new_size, header.crypt_method, l1_size, table_offset)
+        )
+        file.sync()
+        old_offset, old_size = header.l1_table_offset, header.l1_size
+        self._header = dataclasses.replace(
+            header, size=new_size, l1_size=l1_size, l1_table_offset=table_offset
+        )
+        self._clusters.replace_l1(table_offset, l1)
+        # 4. The old table is freed like any dropped reference.
+        if old_size:
+            writeback.free_later(
+                old_offset, -(-old_size * 8 // self._cluster_size) * self._cluster_size
+            )
+        writeback.write_back()
+
+    def refresh_size(self) -> int:
+        """Only this process changes a qcow2 image's size (the image is locked)."""
+        return self._header.size
+
+    # ----------------------------------------------------------------- flush / close
 
     def flush(self) -> None:
         if self._closed:
@@ -829,143 +617,21 @@ class QcowDisk:
         if self._read_only:
             return
         with self._lock:
-            if self._flush_error is not None:
-                raise self._flush_error
-            self._writeback()
-
-    def _maybe_writeback(self) -> None:
-        refs = self._refs
-        assert refs is not None
-        dirty = (len(self._dirty_l2) + len(refs.dirty_blocks)) * self._cs
-        if dirty > _DIRTY_LIMIT or len(self._pending_free) > _PENDING_FREE_LIMIT:
-            self._writeback()
-
-    def _writeback(self) -> None:
-        """Write dirty metadata back in crash-safe order (see ``alloc``); under the lock."""
-        refs = self._refs
-        assert refs is not None
-        try:
-            self._writeback_steps(refs)
-        except DiskIOError as e:
-            self._flush_error = DiskIOError(
-                f"writing back {self._path} failed ({e}); the image is consistent on disk "
-                "but writes since the last flush may be lost: reopen it",
-                e.errno,
-            )
-            self.log.error("flush failed", errno=e.errno)
-            raise self._flush_error from e
-
-    def _writeback_steps(self, refs: Refcounts) -> None:
-        f = self._f
-        # 1. Refcount blocks (and a moved refcount table), with the data written so far.
-        if refs.write_blocks() or self._unsynced:
-            f.sync()
-        self._unsynced = False
-        # 2. What points at refcount blocks.
-        if refs.table_moved:
-            f.pwrite(
-                OFF_REFCOUNT_TABLE_OFFSET, _REFT_FIELDS.pack(refs.table_offset, refs.table_clusters)
-            )
-            f.sync()
-            refs.table_moved = False
-            for off, clusters in refs.old_tables:
-                self._pending_free.append(PendingFree(self._io_seq, off, clusters * self._cs))
-            refs.old_tables.clear()
-        elif refs.write_table_entries():
-            f.sync()
-        # 3. L2 tables.
-        if self._dirty_l2:
-            for off in sorted(self._dirty_l2):
-                f.pwrite(off, self._l2_cache[off])
-            self._dirty_l2.clear()
-            f.sync()
-        # 4. L1 entries.
-        if self._dirty_l1:
-            for i in sorted(self._dirty_l1):
-                f.pwrite(self._h.l1_table_offset + 8 * i, U64.pack(self._l1[i]))
-            self._dirty_l1.clear()
-            f.sync()
-        self._file_size = max(self._file_size, f.size())
-        # 5. Frees whose dropped references are now durable, unless an I/O that started
-        # before the free could still be using the cluster.
-        oldest = next(iter(self._inflight), self._io_seq)
-        ready = [p for p in self._pending_free if p.stamp <= oldest]
-        if not ready:
-            return
-        self._pending_free = [p for p in self._pending_free if p.stamp > oldest]
-        freed: list[int] = []
-        for p in ready:
-            freed += refs.decrement(p.offset, p.length)
-        if refs.write_blocks():
-            f.sync()
-        self._punch(sorted(freed))
-
-    def _punch(self, clusters: list[int]) -> None:
-        """Give the host storage of free clusters back (advisory, like QEMU's discard
-        pass-through); they read as zeros if anything still looked."""
-        i = 0
-        while i < len(clusters) and self._can_punch:
-            j = i
-            while j + 1 < len(clusters) and clusters[j + 1] == clusters[j] + 1:
-                j += 1
-            try:
-                fallocate(
-                    self._f.fd,
-                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                    clusters[i] << self._bits,
-                    (j - i + 1) << self._bits,
-                )
-            except OSError as e:
-                self._can_punch = False
-                self.log.debug("cannot punch holes; freed clusters keep their space", errno=e.errno)
-            i = j + 1
-
-    # ----------------------------------------------------------------- close
+            assert self._writeback is not None
+            self._writeback.flush()
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
+            writeback = self._writeback
             try:
-                if not self._read_only and not self._corrupt and self._flush_error is None:
-                    self._writeback()
+                if writeback is not None and not self._corrupt and writeback.error is None:
+                    writeback.write_back()
             except DiskIOError:
-                pass  # logged by _writeback; closing must still release the image
+                pass  # logged by write_back; closing must still release the image
             finally:
                 self._closed = True
                 if self._backing is not None:
                     self._backing.close()
-                self._f.close()
-
-
-def _open_backing(h: QcowHeader, path: str, depth: int) -> Backing:
-    name = h.backing_file
-    assert name is not None
-    if depth + 1 >= MAX_BACKING_DEPTH:
-        raise ImageError(
-            f"{path}: backing chain longer than {MAX_BACKING_DEPTH} images (a loop?): "
-            f"flatten it with `qemu-img convert -O qcow2 {path} NEW.qcow2`"
-        )
-    full = name if os.path.isabs(name) else os.path.join(os.path.dirname(path) or ".", name)
-    fmt = h.backing_format
-    if fmt is None:
-        raise ImageError(
-            f"{path} does not name the format of its backing file {name} (it is never "
-            f"guessed): set it with `qemu-img rebase -u -b {name} -F qcow2|raw {path}`"
-        )
-    if fmt not in ("raw", "qcow2"):
-        raise UnsupportedImageError(
-            f"{path} has a backing file in format {fmt!r}; only raw and qcow2 are supported: "
-            f"convert the backing file with `qemu-img convert -O qcow2 {full} NEW.qcow2`"
-        )
-    if not os.path.exists(full):
-        raise ImageError(
-            f"the backing file {full} of {path} does not exist: restore it or point the "
-            f"image at it with `qemu-img rebase -u -b NEWPATH -F {fmt} {path}`"
-        )
-    try:
-        if fmt == "raw":
-            return RawBacking.open(full)
-        return QcowDisk._open(full, read_only=True, allow_backing=True, depth=depth + 1)
-    except ImageError as e:
-        raise type(e)(f"backing file of {path}: {e}") from None
+                self._file.close()

@@ -1,9 +1,10 @@
 """qcow2 on-disk layouts (QEMU docs/interop/qcow2.txt), header parsing and the subset rules.
 
 Parsing is pure: :func:`parse_header` takes the image's first cluster (or less) and the file
-size and returns a :class:`QcowHeader` or raises :class:`ImageError`. Every offset and size the
-header names is checked against the file before anyone uses it. :func:`check_supported` then
-applies the qcow-lite subset, naming the feature and the qemu-img command that removes it.
+size and returns a :class:`QcowHeader` or raises :class:`ImageError` (:func:`read_header` reads
+those from an open image). Every offset and size the header names is checked against the file
+before anyone uses it. :func:`check_supported` then applies the qcow-lite subset, naming the
+feature and the qemu-img command that removes it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from blkdev.disks.disk import SECTOR_SIZE
+from blkdev.disks.hostfile import ImageFile
 from blkdev.errors import ImageError, UnsupportedImageError
 
 MAGIC: Final = b"QFI\xfb"
@@ -34,6 +36,7 @@ BITMAP_DIR_ENTRY: Final = struct.Struct(">QIIBBHI")
 U32: Final = struct.Struct(">I")
 
 # Byte offsets of header fields we update in place.
+OFF_SIZE: Final = 24
 OFF_REFCOUNT_TABLE_OFFSET: Final = 48
 OFF_REFCOUNT_TABLE_CLUSTERS: Final = 56
 OFF_INCOMPATIBLE_FEATURES: Final = 72
@@ -281,6 +284,12 @@ def parse_header(data: bytes, file_size: int, path: str = "image") -> QcowHeader
         extension_types=tuple(types),
         bitmaps=bitmaps,
     )
+
+
+def read_header(file: ImageFile) -> QcowHeader:
+    """Parse the header of the open image ``file`` (see :func:`parse_header`)."""
+    file_size = file.size()
+    return parse_header(file.pread(0, min(file_size, 1 << MAX_CLUSTER_BITS)), file_size, file.path)
 
 
 def extensions_without(data: bytes, h: QcowHeader, ext_type: int) -> bytes:

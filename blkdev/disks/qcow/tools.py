@@ -12,9 +12,10 @@ from typing import Any, Final
 from blkdev.disks.disk import SECTOR_SIZE
 from blkdev.disks.hostfile import ImageFile, lock_image, open_image_file
 from blkdev.disks.qcow.alloc import get_refcount
+from blkdev.disks.qcow.bitmaps import MAX_DIRECTORY_BYTES, directory_tables
+from blkdev.disks.qcow.compress import compressed_range
 from blkdev.disks.qcow.header import (
     AUTOCLEAR_BITMAPS,
-    BITMAP_DIR_ENTRY,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
     EXT_BACKING_FORMAT,
@@ -39,7 +40,7 @@ from blkdev.disks.qcow.header import (
     REFT_RESERVED,
     QcowHeader,
     l1_entries_needed,
-    parse_header,
+    read_header,
 )
 from blkdev.errors import ImageError
 
@@ -155,82 +156,82 @@ def create_image(
 
 def _read_header(path: str, *, lock: bool) -> tuple[ImageFile, QcowHeader]:
     fd = open_image_file(path, read_only=True)
-    f = ImageFile(fd, path)
+    file = ImageFile(fd, path)
     try:
         if lock:
             lock_image(fd, path, read_only=True)
-        size = f.size()
-        h = parse_header(f.pread(0, min(size, 1 << MAX_CLUSTER_BITS)), size, path)
-        return f, h
+        return file, read_header(file)
     except BaseException:
-        f.close()
+        file.close()
         raise
 
 
 def image_info(path: str) -> dict[str, Any]:
     """``qemu-img info --output=json`` fields that apply. Does not lock (like ``-U``), so it
     works on an image being served."""
-    f, h = _read_header(path, lock=False)
+    file, header = _read_header(path, lock=False)
     try:
-        st = os.fstat(f.fd)
-        snapshots = _snapshot_list(f, h)
+        st = os.fstat(file.fd)
+        snapshots = _snapshot_list(file, header)
     finally:
-        f.close()
+        file.close()
     info: dict[str, Any] = {}
     if snapshots:
         info["snapshots"] = snapshots
     info |= {
-        "virtual-size": h.size,
+        "virtual-size": header.size,
         "filename": path,
-        "cluster-size": h.cluster_size,
+        "cluster-size": header.cluster_size,
         "format": "qcow2",
         "actual-size": st.st_blocks * 512,
     }
-    if h.version == 2:
+    if header.version == 2:
         data: dict[str, Any] = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16}
     else:
         data = {
             "compat": "1.1",
-            "compression-type": COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type)),
-            "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
-            "refcount-bits": h.refcount_bits,
-            "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
-            "extended-l2": bool(h.incompatible_features & INCOMPAT_EXTL2),
+            "compression-type": COMPRESSION_NAMES.get(
+                header.compression_type, str(header.compression_type)
+            ),
+            "lazy-refcounts": bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS),
+            "refcount-bits": header.refcount_bits,
+            "corrupt": bool(header.incompatible_features & INCOMPAT_CORRUPT),
+            "extended-l2": bool(header.incompatible_features & INCOMPAT_EXTL2),
         }
     info["format-specific"] = {"type": "qcow2", "data": data}
-    if h.backing_file is not None:
-        info["backing-filename"] = h.backing_file
+    if header.backing_file is not None:
+        info["backing-filename"] = header.backing_file
         info["full-backing-filename"] = (
-            h.backing_file
-            if os.path.isabs(h.backing_file)
-            else os.path.join(os.path.dirname(path), h.backing_file)
+            header.backing_file
+            if os.path.isabs(header.backing_file)
+            else os.path.join(os.path.dirname(path), header.backing_file)
         )
-        if h.backing_format is not None:
-            info["backing-filename-format"] = h.backing_format
-    info["dirty-flag"] = bool(h.incompatible_features & INCOMPAT_DIRTY)
+        if header.backing_format is not None:
+            info["backing-filename-format"] = header.backing_format
+    info["dirty-flag"] = bool(header.incompatible_features & INCOMPAT_DIRTY)
     return info
 
 
-def _snapshot_list(f: ImageFile, h: QcowHeader) -> list[dict[str, Any]]:
+def _snapshot_list(file: ImageFile, header: QcowHeader) -> list[dict[str, Any]]:
     """The internal snapshots as ``qemu-img info`` lists them (its key order); empty when
     there are none or the table is unreadable (QEMU's limits; info stays advisory)."""
-    if not h.nb_snapshots or h.nb_snapshots > _MAX_SNAPSHOTS:
+    if not header.nb_snapshots or header.nb_snapshots > _MAX_SNAPSHOTS:
         return []
-    file_size = f.size()
+    file_size = file.size()
     out: list[dict[str, Any]] = []
-    pos = h.snapshots_offset
-    for _ in range(h.nb_snapshots):
-        if pos + _SNAPSHOT.size > file_size or pos - h.snapshots_offset > _MAX_SNAPSHOTS_BYTES:
+    pos = header.snapshots_offset
+    for _ in range(header.nb_snapshots):
+        if pos + _SNAPSHOT.size > file_size or pos - header.snapshots_offset > _MAX_SNAPSHOTS_BYTES:
             return []
         (_, _, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state, extra_len) = (
-            _SNAPSHOT.unpack(f.pread(pos, _SNAPSHOT.size))
+            _SNAPSHOT.unpack(file.pread(pos, _SNAPSHOT.size))
         )
         pos += _SNAPSHOT.size
         if extra_len > _MAX_SNAPSHOT_EXTRA or pos + extra_len + id_len + name_len > file_size:
             return []
-        extra = f.pread(pos, extra_len)
+        extra = file.pread(pos, extra_len)
         pos += extra_len
-        names = f.pread(pos, id_len + name_len)
+        names = file.pread(pos, id_len + name_len)
         pos += id_len + name_len
         pos += -pos % 8
         if extra_len >= 8:
@@ -290,64 +291,67 @@ class CheckResult:
 
 
 class _Checker:
-    def __init__(self, f: ImageFile, h: QcowHeader, result: CheckResult) -> None:
-        self.f = f
-        self.h = h
-        self.r = result
-        self.cs = h.cluster_size
-        self.bits = h.cluster_bits
-        self.file_size = f.size()
-        self.nb_clusters = -(-self.file_size // self.cs)
-        self.refs: Counter[int] = Counter()
+    def __init__(self, file: ImageFile, header: QcowHeader, result: CheckResult) -> None:
+        self.file = file
+        self.header = header
+        self.result = result
+        self.cluster_size = header.cluster_size
+        self.cluster_bits = header.cluster_bits
+        self.file_size = file.size()
+        self.nb_clusters = -(-self.file_size // self.cluster_size)
+        self.references: Counter[int] = Counter()
         self.stored: dict[int, int] = {}
         self.copied_checks: list[tuple[int, bool, str]] = []
 
     def corruption(self, msg: str) -> None:
-        self.r.corruptions += 1
-        self.r.problems.append(f"ERROR {msg}")
+        self.result.corruptions += 1
+        self.result.problems.append(f"ERROR {msg}")
 
     def inc(self, offset: int, length: int, what: str) -> bool:
         if length <= 0:
             return True
-        first = offset >> self.bits
-        last = (offset + length - 1) >> self.bits
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
         if last >= self.nb_clusters:
             self.corruption(f"{what} at {offset:#x} (+{length}) lies past the end of the file")
             return False
         for c in range(first, last + 1):
-            self.refs[c] += 1
+            self.references[c] += 1
         return True
 
     def load_refcounts(self) -> None:
-        h = self.h
-        raw = self.f.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
-        per_block = self.cs * 8 // h.refcount_bits
-        for bi, (entry,) in enumerate(struct.iter_unpack(">Q", raw)):
+        header = self.header
+        raw = self.file.pread(
+            header.refcount_table_offset, header.refcount_table_clusters * self.cluster_size
+        )
+        per_block = self.cluster_size * 8 // header.refcount_bits
+        for block_index, (entry,) in enumerate(struct.iter_unpack(">Q", raw)):
             off = entry & REFT_OFFSET_MASK
             if entry & REFT_RESERVED:
                 # Like QEMU: a corruption, and the block's own cluster is not counted as
                 # referenced (so it also shows as a leak), but its refcounts are still read.
-                self.corruption(f"refcount table entry {bi} has reserved bits set")
-                if off and not off % self.cs and off < self.file_size:
-                    self.load_block(bi, off, per_block)
+                self.corruption(f"refcount table entry {block_index} has reserved bits set")
+                if off and not off % self.cluster_size and off < self.file_size:
+                    self.load_block(block_index, off, per_block)
                 continue
             if not off:
                 continue
-            if off % self.cs:
+            if off % self.cluster_size:
                 self.corruption(
-                    f"refcount block {bi} is not cluster aligned; refcount table entry corrupted"
+                    f"refcount block {block_index} is not cluster aligned; refcount table entry "
+                    "corrupted"
                 )
                 continue
             if off >= self.file_size:
-                self.corruption(f"refcount block {bi} is outside image")
+                self.corruption(f"refcount block {block_index} is outside image")
                 continue
-            self.inc(off, self.cs, f"refcount block {bi}")
-            self.load_block(bi, off, per_block)
+            self.inc(off, self.cluster_size, f"refcount block {block_index}")
+            self.load_block(block_index, off, per_block)
 
-    def load_block(self, bi: int, off: int, per_block: int) -> None:
-        order = self.h.refcount_order
-        block = self.f.pread(off, self.cs)
-        base = bi * per_block
+    def load_block(self, block_index: int, off: int, per_block: int) -> None:
+        order = self.header.refcount_order
+        block = self.file.pread(off, self.cluster_size)
+        base = block_index * per_block
         if order == 4:
             values = array("H", block)
             values.byteswap()
@@ -361,13 +365,13 @@ class _Checker:
                     self.stored[base + j] = v
 
     def stored_refcount(self, offset: int) -> int:
-        return self.stored.get(offset >> self.bits, 0)
+        return self.stored.get(offset >> self.cluster_bits, 0)
 
     def walk_l1(self, l1_offset: int, l1_size: int, *, active: bool) -> None:
-        h = self.h
+        header = self.header
         if not self.inc(l1_offset, l1_size * 8, "L1 table"):
             return
-        raw = self.f.pread(l1_offset, l1_size * 8)
+        raw = self.file.pread(l1_offset, l1_size * 8)
         for i, (l1e,) in enumerate(struct.iter_unpack(">Q", raw)):
             if l1e & L1E_RESERVED:
                 self.corruption(f"found L1 entry with reserved bits set: {l1e:x}")
@@ -377,14 +381,14 @@ class _Checker:
                     # qemu-img reads the header as this L2 table and counts it twice.
                     self.corruption(f"L1 entry {i} ({l1e:x}) has flags but no L2 table offset")
                 continue
-            if l2off % self.cs:
+            if l2off % self.cluster_size:
                 self.corruption(f"L2 table offset {l2off:#x} (L1 index {i}) is unaligned")
                 continue
-            if not self.inc(l2off, self.cs, f"L2 table (L1 index {i})"):
+            if not self.inc(l2off, self.cluster_size, f"L2 table (L1 index {i})"):
                 continue
             if active:
                 self.copied_checks.append((l2off, bool(l1e & OFLAG_COPIED), f"L1 index {i}"))
-            table = self.f.pread(l2off, self.cs)
+            table = self.file.pread(l2off, self.cluster_size)
             # QEMU counts fragmentation within each L2 table.
             last_host = -1
             for j, (e,) in enumerate(struct.iter_unpack(">Q", table)):
@@ -396,43 +400,43 @@ class _Checker:
                 if e & OFLAG_COMPRESSED:
                     if e & OFLAG_COPIED:
                         self.corruption(f"{where}: compressed cluster has the COPIED flag set")
-                    coff = e & h.cluster_offset_mask
-                    nb = ((e >> h.csize_shift) & h.csize_mask) + 1
-                    if self.inc(coff & ~(SECTOR_SIZE - 1), nb * SECTOR_SIZE, where) and active:
-                        self.r.allocated_clusters += 1
-                        self.r.compressed_clusters += 1
+                    data_offset, data_end = compressed_range(header, e)
+                    sectors_start = data_offset & ~(SECTOR_SIZE - 1)
+                    if self.inc(sectors_start, data_end - sectors_start, where) and active:
+                        self.result.allocated_clusters += 1
+                        self.result.compressed_clusters += 1
                         # qemu-img: compressed clusters are fragmented by nature.
-                        self.r.fragmented_clusters += 1
+                        self.result.fragmented_clusters += 1
                     continue
                 host = e & L2E_OFFSET_MASK
                 if not host:
                     continue
-                if host % self.cs:
+                if host % self.cluster_size:
                     self.corruption(f"{where}: cluster offset {host:#x} is unaligned")
                     continue
-                if not self.inc(host, self.cs, where):
+                if not self.inc(host, self.cluster_size, where):
                     continue
                 if active:
                     self.copied_checks.append((host, bool(e & OFLAG_COPIED), where))
-                    self.r.allocated_clusters += 1
-                    if last_host >= 0 and host != last_host + self.cs:
-                        self.r.fragmented_clusters += 1
+                    self.result.allocated_clusters += 1
+                    if last_host >= 0 and host != last_host + self.cluster_size:
+                        self.result.fragmented_clusters += 1
                     last_host = host
 
     def walk_snapshots(self) -> None:
-        h = self.h
-        pos = h.snapshots_offset
+        header = self.header
+        pos = header.snapshots_offset
         start = pos
-        for n in range(h.nb_snapshots):
+        for n in range(header.nb_snapshots):
             if pos + _SNAPSHOT.size > self.file_size:
                 self.corruption(f"snapshot table entry {n} lies past the end of the file")
                 return
             l1_off, l1_size, id_len, name_len, _, _, _, _, extra = _SNAPSHOT.unpack(
-                self.f.pread(pos, _SNAPSHOT.size)
+                self.file.pread(pos, _SNAPSHOT.size)
             )
             pos += _SNAPSHOT.size + extra + id_len + name_len
             pos += -pos % 8
-            if l1_off % self.cs or l1_size * 8 > 32 << 20:
+            if l1_off % self.cluster_size or l1_size * 8 > 32 << 20:
                 self.corruption(f"snapshot {n} has an invalid L1 table")
                 continue
             self.walk_l1(l1_off, l1_size, active=False)
@@ -441,46 +445,47 @@ class _Checker:
     def walk_bitmaps(self) -> None:
         """Persistent bitmaps own clusters too; QEMU counts them only while the autoclear
         bit says they are valid."""
-        assert self.h.bitmaps is not None
-        nb, dir_size, dir_offset = self.h.bitmaps
-        if dir_size > 64 << 20 or not self.inc(dir_offset, dir_size, "bitmap directory"):
+        assert self.header.bitmaps is not None
+        count, directory_size, directory_offset = self.header.bitmaps
+        if directory_size > MAX_DIRECTORY_BYTES or not self.inc(
+            directory_offset, directory_size, "bitmap directory"
+        ):
             return
-        directory = self.f.pread(dir_offset, dir_size)
-        pos = 0
-        for n in range(nb):
-            if pos + BITMAP_DIR_ENTRY.size > len(directory):
-                self.corruption(f"bitmap directory entry {n} runs past the directory")
-                return
-            table_offset, table_size, _, _, _, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(
-                directory, pos
-            )
-            pos += BITMAP_DIR_ENTRY.size + extra + name_size
-            pos += -pos % 8
+        directory = self.file.pread(directory_offset, directory_size)
+        walked = 0
+        for n, (table_offset, table_size) in enumerate(directory_tables(directory, count)):
+            walked = n + 1
             if not self.inc(table_offset, table_size * 8, f"bitmap table {n}"):
                 continue
-            for (e,) in struct.iter_unpack(">Q", self.f.pread(table_offset, table_size * 8)):
+            for (e,) in struct.iter_unpack(">Q", self.file.pread(table_offset, table_size * 8)):
                 off = e & L2E_OFFSET_MASK
                 if off:
-                    self.inc(off, self.cs, f"bitmap {n} data")
+                    self.inc(off, self.cluster_size, f"bitmap {n} data")
+        if walked < count:
+            self.corruption(f"bitmap directory entry {walked} runs past the directory")
 
     def run(self) -> None:
-        h = self.h
-        self.r.total_clusters = -(-h.size // self.cs)
-        self.inc(0, self.cs, "header")
-        self.walk_l1(h.l1_table_offset, h.l1_size, active=True)
-        if h.nb_snapshots:
+        header = self.header
+        self.result.total_clusters = -(-header.size // self.cluster_size)
+        self.inc(0, self.cluster_size, "header")
+        self.walk_l1(header.l1_table_offset, header.l1_size, active=True)
+        if header.nb_snapshots:
             self.walk_snapshots()
-        if h.bitmaps is not None and h.autoclear_features & AUTOCLEAR_BITMAPS:
+        if header.bitmaps is not None and header.autoclear_features & AUTOCLEAR_BITMAPS:
             self.walk_bitmaps()
-        self.inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs, "refcount table")
+        self.inc(
+            header.refcount_table_offset,
+            header.refcount_table_clusters * self.cluster_size,
+            "refcount table",
+        )
         self.load_refcounts()
         for off, copied, where in self.copied_checks:
             rc = self.stored_refcount(off)
             if (rc == 1) != copied:
                 self.corruption(f"OFLAG_COPIED {where}: refcount={rc} copied={copied}")
         end = 0
-        for c in sorted(set(self.refs) | set(self.stored)):
-            ref = self.refs.get(c, 0)
+        for c in sorted(set(self.references) | set(self.stored)):
+            ref = self.references.get(c, 0)
             rc = self.stored.get(c, 0)
             if c >= self.nb_clusters and not ref:
                 # Counted but past the end of the file (a crash after the refcount block
@@ -492,18 +497,18 @@ class _Checker:
             if rc < ref:
                 self.corruption(f"cluster {c} refcount={rc} reference={ref}")
             else:
-                self.r.leaks += 1
-                self.r.problems.append(f"Leaked cluster {c} refcount={rc} reference={ref}")
-        self.r.image_end_offset = end * self.cs
+                self.result.leaks += 1
+                self.result.problems.append(f"Leaked cluster {c} refcount={rc} reference={ref}")
+        self.result.image_end_offset = end * self.cluster_size
 
 
 def check_image(path: str) -> CheckResult:
     """Walk every reference in the image and compare with the stored refcounts, like
     ``qemu-img check`` (no repair). ImageError if the header itself is unusable."""
-    f, h = _read_header(path, lock=True)
+    file, header = _read_header(path, lock=True)
     result = CheckResult(filename=path)
     try:
-        _Checker(f, h, result).run()
+        _Checker(file, header, result).run()
     finally:
-        f.close()
+        file.close()
     return result
