@@ -14,7 +14,8 @@ log() { printf '[setup] %s\n' "$*"; }
 if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils fio busybox-static e2fsprogs cpio
-      xz-utils zstd util-linux python3 python3-venv python3-dev gcc)
+      xz-utils zstd util-linux python3 python3-venv python3-dev gcc
+      systemd libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -35,6 +36,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
     log "system packages present"
+fi
+
+# The users Debian's libvirt-daemon-system would create (it also starts services, which a
+# container without systemd cannot): QEMU under libvirt runs as libvirt-qemu, in group kvm,
+# the group that may open the backend's socket (deploy/README.md).
+getent group kvm >/dev/null || "${SUDO[@]}" groupadd -r kvm
+getent group libvirt-qemu >/dev/null || "${SUDO[@]}" groupadd -r libvirt-qemu
+if ! getent passwd libvirt-qemu >/dev/null; then
+    log "creating user libvirt-qemu (groups libvirt-qemu, kvm)"
+    "${SUDO[@]}" useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin \
+        libvirt-qemu
 fi
 
 PY=$(command -v python3)

@@ -3,8 +3,9 @@
 Mirrors OpenVMM: ``guestmem::GuestMemoryError`` (an access to guest physical memory failed) and
 ``guestmem::AccessError`` (what a reader, writer or lock over a range reports: out of range,
 read only, or a wrapped memory error). Anything a guest or front-end controls surfaces as one of
-these; a caller's own misuse (bad argument types, impossible offsets) is ``ValueError`` or
-``TypeError``.
+these, and both derive from :class:`GuestMemoryFault`, so a layer above can catch "the guest's
+or front-end's memory was bad" in one clause; a caller's own misuse (bad argument types,
+impossible offsets) is ``ValueError`` or ``TypeError``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ class GuestMemoryErrorKind(enum.StrEnum):
     """The memory was closed."""
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryFault(Exception):
+    """Root of the memory errors: what the guest or front-end gave us was not usable memory."""
+
+
+class GuestMemoryError(GuestMemoryFault):
     """An access to guest physical memory, or a memory table, was invalid.
 
     ``kind`` says why; ``gpa`` is the first failing guest physical address (None when the error
@@ -49,7 +54,7 @@ class GuestMemoryError(Exception):
         self.length = length
 
 
-class AccessError(Exception):
+class AccessError(GuestMemoryFault):
     """A reader, writer or lock over request buffers failed; nothing was copied."""
 
 

@@ -17,7 +17,9 @@ per accepted connection.
 Socket file: a stale socket left by a dead process is replaced; a socket someone still listens
 on, or a path that is not a socket, raises :class:`FileExistsError` and nothing is touched. A
 listening socket handed over (``listener=``, systemd socket activation) is used as it is, and
-its file is left in place on close: it belongs to whoever bound it.
+its file is left in place on close: it belongs to whoever bound it. ``socket_mode`` and
+``socket_group`` set the file's mode and group (for QEMU running as another user) before
+anyone can connect.
 
 One front-end at a time: while a connection runs, another that connects is accepted and closed
 at once (logged), because two front-ends driving one disk would corrupt it. So that a peer
@@ -90,6 +92,8 @@ class Server:
         *,
         message_timeout: float | None = 5.0,
         listener: socket.socket | None = None,
+        socket_mode: int | None = None,
+        socket_group: int | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._device = device
@@ -109,6 +113,12 @@ class Server:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(socket_path)
+            # Ownership and mode before listen(): connecting to a socket that is bound but
+            # not listening is refused, so no one gets in under the wrong permissions.
+            if socket_group is not None:
+                os.chown(socket_path, -1, socket_group)
+            if socket_mode is not None:
+                os.chmod(socket_path, socket_mode)
             self._inode = os.stat(socket_path).st_ino
             self._listener.listen(4)
         except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import signal
 import stat
@@ -35,6 +36,25 @@ def _queue_size(text: str) -> int:
     if value < 1 or value > 32768 or value & (value - 1):
         raise argparse.ArgumentTypeError(f"must be a power of two up to 32768, not {value}")
     return value
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text} is not a permission mode (0..0777)")
+    return value
+
+
+def _group_id(name: str) -> int:
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise UsageError(f"--socket-group: no group named {name}") from None
 
 
 def add_parser(commands: Any) -> None:
@@ -75,6 +95,17 @@ def add_parser(commands: Any) -> None:
         choices=("writeback", "none"),
         default="writeback",
         help="host page cache use: writeback (default) or none (O_DIRECT)",
+    )
+    serve.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="group of the socket file, for a QEMU running as another user (e.g. kvm)",
+    )
+    serve.add_argument(
+        "--socket-mode",
+        type=_mode,
+        metavar="MODE",
+        help="mode of the socket file, octal (e.g. 0660 with --socket-group; default: umask)",
     )
     serve.add_argument(
         "--control",
@@ -132,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
         if args.socket is None:
             raise UsageError("--socket is required (unless started by systemd socket activation)")
         check_socket_path(args.socket)
+    elif args.socket_group is not None or args.socket_mode is not None:
+        raise UsageError("--socket-group and --socket-mode: the socket unit sets those")
+    group = _group_id(args.socket_group) if args.socket_group is not None else None
     if args.control is not None:
         check_socket_path(args.control)
     metrics_address = None
@@ -166,7 +200,9 @@ def run(args: argparse.Namespace) -> int:
                 server = Server(path, device, listener=listener)
                 log.info("socket passed by systemd", socket=path)
             else:
-                server = Server(args.socket, device)
+                server = Server(
+                    args.socket, device, socket_mode=args.socket_mode, socket_group=group
+                )
             stack.callback(server.close)
             live = LiveResize(disk, device, server.notify_config_change)
             backend = Backend(
