@@ -43,13 +43,11 @@ Nothing a client sends ends the process or disturbs another client.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import itertools
 import json
 import os
 import select
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from blkdev.errors import BlkdevError
+from vhost_user.server import claim_socket_path
 
 if TYPE_CHECKING:
     from blkdev.device import BlkDevice
@@ -379,31 +378,6 @@ class Controller:
 # -- the socket ------------------------------------------------------------------------------
 
 
-def _claim_path(path: str) -> None:
-    """Make ``path`` free for bind: remove a socket nobody listens on any more.
-
-    The same rule as the vhost-user socket (``vhost_user.server``): only a socket file is
-    ever removed, and only when connecting to it is refused (its listener is gone).
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale control socket", socket=path)
-            os.unlink(path)
-            return
-        except TimeoutError:
-            pass  # a full backlog: someone is listening
-    raise FileExistsError(errno.EADDRINUSE, "another process is listening on this socket", path)
-
-
 _client_ids = itertools.count(1)
 
 
@@ -430,7 +404,7 @@ class ControlServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.log = log.bind(control=path)
-        _claim_path(path)
+        claim_socket_path(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self._listener.bind(path)

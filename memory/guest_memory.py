@@ -119,7 +119,7 @@ def _validate(regions: Sequence[MemoryRegion]) -> list[int]:
                 raise _invalid(f"regions overlap ({key} {start:#x} < {end:#x})")
     aligns = []
     for r in regions:
-        _seal_against_shrinking(r.fd)
+        seal_against_shrinking(r.fd)
         try:
             st = os.fstat(r.fd)
         except (OSError, OverflowError) as exc:
@@ -147,7 +147,7 @@ def _validate(regions: Sequence[MemoryRegion]) -> list[int]:
     return aligns
 
 
-def _seal_against_shrinking(fd: int) -> None:
+def seal_against_shrinking(fd: int) -> None:
     """Add F_SEAL_SHRINK to a memfd that allows sealing, before its size is checked.
 
     Then the size check holds for the mapping's lifetime: a front-end cannot truncate the

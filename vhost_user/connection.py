@@ -29,6 +29,7 @@ from typing import TypeVar, cast
 import structlog
 
 from memory import GuestMemory, GuestMemoryError, MemoryRegion
+from memory.dirty_log import DirtyLog
 from vhost_user import eventfd
 from vhost_user.backend_channel import BackendChannel
 from vhost_user.device import VhostUserDevice
@@ -45,8 +46,11 @@ __all__ = ["MAX_MEM_SLOTS", "OFFERED_PROTOCOL_FEATURES", "Connection", "ring_len
 log = structlog.get_logger(__name__)
 
 OFFERED_PROTOCOL_FEATURES = (
-    PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS
+    PF.MQ | PF.LOG_SHMFD | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS
 )
+TRANSPORT_FEATURES = codec.VHOST_USER_F_PROTOCOL_FEATURES | codec.VHOST_F_LOG_ALL
+"""Feature bits the connection offers beside the device's: they are vhost-user's, not the
+device's, so the device never sees them acked."""
 MAX_MEM_SLOTS = 32
 """GET_MAX_MEM_SLOTS: regions the front-end may add with ADD_MEM_REG (libvhost-user's value)."""
 CONFIG_SPACE_LIMIT = 4096
@@ -89,6 +93,10 @@ class Connection:
         self.regions: list[MemoryRegion] = []
         self.vrings = Vrings(device, virtqueue_factory, self.log)
         self._backend = BackendChannel(self.log)
+        #: The dirty log (SET_LOG_BASE), and the memory whose writes currently mark it.
+        self._dirty_log: DirtyLog | None = None
+        self._logging: GuestMemory | None = None
+        self._log_fd: int | None = None
         self._kept: set[int] = set()
         self._closed = False
         self._handlers: dict[type[codec.Message], _Handler] = dict(
@@ -100,6 +108,8 @@ class Connection:
                 _on(codec.SetOwner, self._set_owner),
                 _on(codec.ResetOwner, self._reset_owner),
                 _on(codec.SetMemTable, self._set_mem_table),
+                _on(codec.SetLogBase, self._set_log_base),
+                _on(codec.SetLogFd, self._set_log_fd),
                 _on(codec.GetMaxMemSlots, self._get_max_mem_slots),
                 _on(codec.AddMemReg, self._add_mem_reg),
                 _on(codec.RemMemReg, self._rem_mem_reg),
@@ -209,7 +219,7 @@ class Connection:
     # -- features and ownership ----------------------------------------------------------------
 
     def _offered_features(self) -> int:
-        return self.device.device_features() | codec.VHOST_USER_F_PROTOCOL_FEATURES
+        return self.device.device_features() | TRANSPORT_FEATURES
 
     def _get_features(self, msg: codec.GetFeatures) -> codec.U64Reply:
         return codec.U64Reply(codec.Request.GET_FEATURES, self._offered_features())
@@ -221,9 +231,13 @@ class Connection:
                 f"features {msg.features:#x} include ones never offered ({offered:#x})"
             )
         self.acked_features = msg.features
-        self.device.set_acked_features(msg.features & ~codec.VHOST_USER_F_PROTOCOL_FEATURES)
+        self.device.set_acked_features(msg.features & ~TRANSPORT_FEATURES)
         self.vrings.set_features(msg.features)
         self.log.info("features acked", features=hex(msg.features))
+        # QEMU turns LOG_ALL on when a migration starts and off when it ends or fails; it
+        # waits for this message to be handled (a REPLY_ACK or a GET_FEATURES round trip)
+        # before it reads the log, so the hook is in place before it looks.
+        self._update_logging()
 
     def _get_protocol_features(self, msg: codec.GetProtocolFeatures) -> codec.U64Reply:
         return codec.U64Reply(codec.Request.GET_PROTOCOL_FEATURES, int(OFFERED_PROTOCOL_FEATURES))
@@ -283,6 +297,53 @@ class Connection:
         took it (False when the channel or the CONFIG feature is missing, or it failed)."""
         return self._backend.notify_config_change(self.protocol_features)
 
+    # -- dirty logging (live migration) --------------------------------------------------------
+
+    def _set_log_base(self, msg: codec.SetLogBase) -> codec.LogBaseReply:
+        if not self.protocol_features & PF.LOG_SHMFD:
+            raise FrontendProtocolError("SET_LOG_BASE without LOG_SHMFD negotiated")
+        try:
+            new = DirtyLog(msg.fd, msg.mmap_size, msg.mmap_offset)
+        except GuestMemoryError as exc:
+            raise FrontendProtocolError(f"SET_LOG_BASE: {exc}") from None
+        # The fd is not kept: the mapping holds the memory (closed after this handler).
+        old, self._dirty_log = self._dirty_log, new
+        self._stop_logging()
+        if old is not None:
+            old.close()
+        self.log.info("dirty log set", size=msg.mmap_size, pages=new.pages)
+        self._update_logging()
+        return codec.LogBaseReply()
+
+    def _set_log_fd(self, msg: codec.SetLogFd) -> None:
+        fd = self._keep(eventfd.check(msg.fd, "SET_LOG_FD"))
+        old, self._log_fd = self._log_fd, fd
+        if old is not None:
+            self._kept.discard(old)
+            close_fds([old])
+
+    def _stop_logging(self) -> None:
+        if self._logging is not None:
+            self._logging.writes.remove()
+            self._logging = None
+
+    def _update_logging(self) -> None:
+        """Mark the dirty log from every write into the current memory exactly while
+        LOG_ALL is acked and a log is mapped (memory.dirty_log)."""
+        log = self._dirty_log
+        want = (
+            self.memory if log is not None and self.acked_features & codec.VHOST_F_LOG_ALL else None
+        )
+        if want is self._logging:
+            return
+        self._stop_logging()
+        if want is not None and log is not None:
+            want.writes.install(log.mark)
+            self._logging = want
+            self.log.info("dirty logging on")
+        else:
+            self.log.info("dirty logging off")
+
     # -- memory --------------------------------------------------------------------------------
 
     def _replace_memory(self, regions: list[MemoryRegion]) -> None:
@@ -301,6 +362,8 @@ class Connection:
         self.regions = regions
         self._kept |= kept
         if old is not None:
+            if self._logging is old:
+                self._stop_logging()
             old.close()
         close_fds(gone)
         self.log.info(
@@ -308,6 +371,9 @@ class Connection:
             regions=len(regions),
             size=sum(r.memory_size for r in regions),
         )
+        # Before the rings restart on the new memory: their writes must be logged from the
+        # first one.
+        self._update_logging()
         self.vrings.set_memory(new)
 
     def _set_mem_table(self, msg: codec.SetMemTable) -> None:
@@ -392,6 +458,13 @@ class Connection:
             self.device.quiesce()
         except Exception:
             self.log.exception("device quiesce failed")
+        self._stop_logging()
+        if self._dirty_log is not None:
+            self._dirty_log.close()
+            self._dirty_log = None
+        if self._log_fd is not None:
+            close_fds([self._log_fd])
+            self._log_fd = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None

@@ -52,7 +52,10 @@ DeviceSource = VhostUserDevice | Callable[[], VhostUserDevice]
 _EVENT_POLL_MS = 200
 
 
-def _prepare_path(path: str) -> None:
+def claim_socket_path(path: str) -> None:
+    """Make ``path`` free for bind: remove a socket file nobody listens on any more (connecting
+    is refused). Anything else there raises FileExistsError and is left alone: a socket
+    someone listens on (EADDRINUSE), a file that is not a socket (EEXIST)."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -109,7 +112,7 @@ class Server:
             self._listener = listener
             self._inode = -1
             return
-        _prepare_path(socket_path)
+        claim_socket_path(socket_path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(socket_path)

@@ -115,8 +115,6 @@ class Vrings:
     def set_addr(self, ring: Vring, addr: codec.SetVringAddr) -> None:
         if addr.flags & ~codec.VRING_F_LOG:
             raise FrontendProtocolError(f"SET_VRING_ADDR: unknown flags {addr.flags:#x}")
-        if addr.flags & codec.VRING_F_LOG:
-            raise FrontendProtocolError("SET_VRING_ADDR: dirty logging was never offered")
         self._pause(ring)
         previous, ring.addr = ring.addr, addr
         try:
@@ -249,6 +247,14 @@ class Vrings:
                     f"vring {ring.index}: {what} at {uva:#x} (+{length:#x}) is not in guest "
                     f"memory: {exc}"
                 ) from None
+        # VRING_F_LOG: used-ring stores are logged at log_guest_addr, the used ring's guest
+        # address (vhost-user.rst, "Migration"). The split ring reports them by the address it
+        # translated, so the two must agree, or the log would mark the wrong pages.
+        if addr.flags & codec.VRING_F_LOG and addr.log_guest_addr != gpas[2]:
+            raise FrontendProtocolError(
+                f"vring {ring.index}: log address {addr.log_guest_addr:#x} is not the used "
+                f"ring's guest address {gpas[2]:#x}"
+            )
         return gpas[0], gpas[1], gpas[2]
 
     def _maybe_start(self, ring: Vring) -> None:

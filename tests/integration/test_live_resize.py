@@ -27,6 +27,7 @@ from tests.integration.helpers import (
     assert_vm_ok,
     random_bytes,
 )
+from tests.support.loopdev import loop_device
 
 pytestmark = pytest.mark.integration
 
@@ -139,24 +140,17 @@ def test_resize_through_the_control_socket(harness: Harness, fmt: str) -> None:
 
 
 @pytest.fixture
-def loop_device(harness: Harness) -> Iterator[tuple[Path, str]]:
+def loop(harness: Harness) -> Iterator[tuple[Path, str]]:
     backing = harness.image("loop.img", OLD, {0: random_bytes(15, 4096)})
-    dev = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout.strip()
-    try:
-        yield backing, dev
-    finally:
-        harness.close()  # the backend holds the device open
-        subprocess.run(["losetup", "-d", dev], check=False, timeout=30)
+    with loop_device(backing) as dev:
+        try:
+            yield backing, dev
+        finally:
+            harness.close()  # the backend holds the device open until it stops
 
 
-def test_a_grown_block_device_is_followed(harness: Harness, loop_device: tuple[Path, str]) -> None:
-    backing, dev = loop_device
+def test_a_grown_block_device_is_followed(harness: Harness, loop: tuple[Path, str]) -> None:
+    backing, dev = loop
     tail = random_bytes(16, TAIL)
     backend = harness.serve(Path(dev), kind="ours", fmt="raw")
 

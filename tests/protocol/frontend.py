@@ -211,13 +211,18 @@ class Frontend:
         used: int,
         base: int = 0,
         enable: bool = True,
+        log: bool = False,
     ) -> VringFds:
         """QEMU's vhost_virtqueue_start order: NUM, BASE, ADDR, KICK, CALL, then ENABLE.
-        ``desc``/``avail``/``used`` are guest physical; they go out as userspace addresses."""
+        ``desc``/``avail``/``used`` are guest physical; they go out as userspace addresses.
+        ``log``: VRING_F_LOG, the used ring logged at its guest address (migration)."""
         self.call(codec.SetVringNum(index, size))
         self.call(codec.SetVringBase(index, base))
+        flags, log_addr = (codec.VRING_F_LOG, used) if log else (0, 0)
         self.call(
-            codec.SetVringAddr(index, 0, memory.uva(desc), memory.uva(used), memory.uva(avail), 0)
+            codec.SetVringAddr(
+                index, flags, memory.uva(desc), memory.uva(used), memory.uva(avail), log_addr
+            )
         )
         fds = VringFds(
             kick=os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),

@@ -26,12 +26,39 @@ HOSTILE: list[tuple[str, str]] = [
     ("protocol features never offered", "never offered"),
     ("backend channel not a socket", "not a socket"),
     ("remove unknown region", "no region"),
-    ("log flag in vring addr", "logging"),
+    ("log address not the used ring", "log address 0x0 is not the used ring"),
+    ("log base of size zero", "dirty log size 0x0"),
+    ("log base past its file", "past the end of its file"),
+    ("log base on a pipe", "not a regular file"),
+    ("log base offset huge", "dirty log offset"),
+    ("log base without fd", "carries 0 fds, expected 1"),
     ("bad payload size", "payload is 12 bytes, expected 8"),
     ("too many regions", "9 regions"),
     ("kick missing its fd", "carries 0 fds, expected 1"),
     ("fds on a message that takes none", "carries 1 fds, expected 0"),
 ]
+
+
+def _hostile_log_base(fe: Frontend, case: str) -> None:
+    if case == "log base without fd":
+        header = codec.HEADER.pack(codec.Request.SET_LOG_BASE, codec.VERSION, 16)
+        fe.send_raw(header + codec.LOG.pack(4096, 0))
+        return
+    if case == "log base on a pipe":
+        r, w = os.pipe()
+        fe.send(codec.SetLogBase(4096, 0, r))
+        os.close(r)
+        os.close(w)
+        return
+    fd = os.memfd_create("hostile-log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 8192)
+    size, offset = {
+        "log base of size zero": (0, 0),
+        "log base past its file": (8192, 4096),
+        "log base offset huge": (4096, 1 << 62),
+    }[case]
+    fe.send(codec.SetLogBase(size, offset, fd))
+    os.close(fd)
 
 
 def hostile(fe: Frontend, memory: FrontendMemory, case: str) -> None:
@@ -82,7 +109,7 @@ def hostile(fe: Frontend, memory: FrontendMemory, case: str) -> None:
     elif case == "features never offered":
         fe.send(codec.SetFeatures(1 << 5))
     elif case == "protocol features never offered":
-        fe.send(codec.SetProtocolFeatures(int(PF.LOG_SHMFD)))
+        fe.send(codec.SetProtocolFeatures(int(PF.RARP)))
     elif case == "backend channel not a socket":
         r, w = os.pipe()
         fe.send(codec.SetBackendReqFd(r))
@@ -91,7 +118,9 @@ def hostile(fe: Frontend, memory: FrontendMemory, case: str) -> None:
     elif case == "remove unknown region":
         fe.set_mem_table(memory)
         fe.send(codec.RemMemReg(codec.MemRegion(64 * MiB, MiB, 0x5000_0000, 0)))
-    elif case == "log flag in vring addr":
+    elif case.startswith("log base"):
+        _hostile_log_base(fe, case)
+    elif case == "log address not the used ring":
         fe.set_mem_table(memory)
         fe.send(codec.SetVringNum(0, 64))
         fe.send(

@@ -82,6 +82,8 @@ EXAMPLES: dict[type[Any], st.SearchStrategy[Any]] = {
     codec.SetOwner: st.builds(codec.SetOwner),
     codec.ResetOwner: st.builds(codec.ResetOwner),
     codec.SetMemTable: mem_tables(),
+    codec.SetLogBase: st.builds(codec.SetLogBase, u64, u64, fd),
+    codec.SetLogFd: st.builds(codec.SetLogFd, fd),
     codec.GetMaxMemSlots: st.builds(codec.GetMaxMemSlots),
     codec.AddMemReg: st.builds(codec.AddMemReg, regions, fd),
     codec.RemMemReg: st.builds(codec.RemMemReg, regions, st.none() | fd),
@@ -114,6 +116,7 @@ REPLY_EXAMPLES: dict[type[Any], Callable[[int], st.SearchStrategy[Any]]] = {
     codec.InflightReply: lambda code: st.builds(
         codec.InflightReply, u64, u64, u16, u16, fd, st.just(code)
     ),
+    codec.LogBaseReply: lambda code: st.builds(codec.LogBaseReply, st.just(code)),
 }
 """One strategy per reply class, given the code of the request it answers."""
 
@@ -140,9 +143,16 @@ def test_get_config_round_trips(size: int, offset: int) -> None:
 replies = st.one_of(
     st.builds(codec.U64Reply, st.sampled_from(list(Request)), u64).filter(
         lambda r: (
-            r.request not in (Request.GET_VRING_BASE, Request.GET_CONFIG, Request.GET_INFLIGHT_FD)
+            r.request
+            not in (
+                Request.GET_VRING_BASE,
+                Request.GET_CONFIG,
+                Request.GET_INFLIGHT_FD,
+                Request.SET_LOG_BASE,
+            )
         )
     ),
+    st.builds(codec.LogBaseReply),
     st.builds(codec.VringStateReply, u32, u32),
     st.builds(codec.ConfigReply, u32, st.binary(min_size=1, max_size=256), st.sampled_from([0, 1])),
     st.builds(codec.InflightReply, u64, u64, u16, u16, fd),
@@ -179,9 +189,14 @@ def test_unknown_request_is_a_message_not_an_error() -> None:
 
 
 def test_known_but_unimplemented_request_is_unknown() -> None:
-    msg = parse(frame(Request.SET_LOG_BASE, bytes(16)))
+    msg = parse(frame(Request.SEND_RARP, bytes(8)))
     assert isinstance(msg, codec.UnknownRequest)
-    assert msg.request == Request.SET_LOG_BASE
+    assert msg.request == Request.SEND_RARP
+
+
+def test_set_log_base_needs_its_fd() -> None:
+    with pytest.raises(FrontendProtocolError, match="SET_LOG_BASE: carries 0 fds"):
+        parse(frame(Request.SET_LOG_BASE, codec.LOG.pack(4096, 0)))
 
 
 def test_vring_fd_flag_bits() -> None:
@@ -365,13 +380,15 @@ def fits(layout: Layout, payload: bytes) -> bool:
 # 32-bit count and padding, then 4 x 64-bit regions. "Single memory region description": 64-bit
 # padding and one region. "Virtio device config space": 3 x 32 bits, then "size" bytes.
 # "Inflight description": 2 x 64 + 2 x 16 bits, which QEMU's unpacked VhostUserInflight pads
-# to 24.
+# to 24. "Log description": 2 x 64 bits (mmap size, offset); SET_LOG_BASE's reply has none.
 SPEC_SIZES: dict[type[Any], tuple[int, int]] = {
     codec.GetFeatures: (0, 0),
     codec.SetFeatures: (8, 0),
     codec.SetOwner: (0, 0),
     codec.ResetOwner: (0, 0),
     codec.SetMemTable: (8, 32),
+    codec.SetLogBase: (16, 0),
+    codec.SetLogFd: (0, 0),
     codec.SetVringNum: (8, 0),
     codec.SetVringAddr: (40, 0),
     codec.SetVringBase: (8, 0),
@@ -396,6 +413,7 @@ SPEC_SIZES: dict[type[Any], tuple[int, int]] = {
     codec.VringStateReply: (8, 0),
     codec.ConfigReply: (12, 1),
     codec.InflightReply: (24, 0),
+    codec.LogBaseReply: (0, 0),
 }
 
 
@@ -417,6 +435,7 @@ def test_natural_replies_are_the_rows_with_a_reply_body() -> None:
         Request.GET_CONFIG,
         Request.GET_MAX_MEM_SLOTS,
         Request.GET_INFLIGHT_FD,
+        Request.SET_LOG_BASE,
     }
 
 

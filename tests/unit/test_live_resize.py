@@ -20,6 +20,7 @@ from blkdev.disks.raw import RawDisk
 from blkdev.errors import ResizeRefused
 from blkdev.resize import LiveResize
 from blkdev.uevents import ResizeWatcher, is_resize_of
+from tests.support.loopdev import loop_device
 
 MiB = 1 << 20
 
@@ -121,24 +122,15 @@ def test_is_resize_of_never_raises(event: dict[str, object]) -> None:
 
 
 @pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+def loop(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     backing = tmp_path / "loop.img"
     backing.write_bytes(bytes(MiB))
-    dev = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout.strip()
-    try:
+    with loop_device(backing) as dev:
         yield backing, dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False, timeout=30)
 
 
-def test_a_grown_loop_device_fires_the_watcher(loop_device: tuple[Path, str]) -> None:
-    backing, dev = loop_device
+def test_a_grown_loop_device_fires_the_watcher(loop: tuple[Path, str]) -> None:
+    backing, dev = loop
     fired = threading.Event()
     disk = RawDisk.open(dev, read_only=False)
     try:

@@ -63,9 +63,14 @@ VRING_INDEX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
 """SET_VRING_KICK/CALL/ERR u64: bits 0-7 are the ring index, bit 8 says "no fd" (poll)."""
 VRING_F_LOG = 1 << 0
-"""SET_VRING_ADDR flags: log used-ring writes (only with VHOST_F_LOG_ALL, which we never offer)."""
+"""SET_VRING_ADDR flags: log used-ring writes at ``log`` (a guest address), while VHOST_F_LOG_ALL
+is on (live migration)."""
+LOG = struct.Struct("<QQ")
+"""SET_LOG_BASE: mmap size, mmap offset of the dirty log (the fd travels beside)."""
 
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
+VHOST_F_LOG_ALL = 1 << 26
+"""Feature bit: the front-end may ask for dirty logging of every guest-memory write (migration)."""
 
 CONFIG_FLAG_FRONTEND = 0
 CONFIG_FLAG_MIGRATION = 1
@@ -343,6 +348,31 @@ class SetConfig(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SetLogBase(Message):
+    """The dirty log's shared memory (LOG_SHMFD): ``mmap_size`` bytes of ``fd`` from
+    ``mmap_offset``."""
+
+    mmap_size: int
+    mmap_offset: int
+    fd: int
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return (self.fd,)
+
+
+@dataclass(frozen=True, slots=True)
+class SetLogFd(Message):
+    """An eventfd the backend may signal after it updated the log (we never need to)."""
+
+    fd: int
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return (self.fd,)
+
+
+@dataclass(frozen=True, slots=True)
 class SetBackendReqFd(Message):
     fd: int
 
@@ -433,7 +463,15 @@ class InflightReply:
     request: int = Request.GET_INFLIGHT_FD
 
 
-Reply = U64Reply | VringStateReply | ConfigReply | InflightReply
+@dataclass(frozen=True, slots=True)
+class LogBaseReply:
+    """SET_LOG_BASE's reply with LOG_SHMFD: no payload (QEMU reads a bare header, to know the
+    log is mapped before it starts reading it)."""
+
+    request: int = Request.SET_LOG_BASE
+
+
+Reply = U64Reply | VringStateReply | ConfigReply | InflightReply | LogBaseReply
 
 
 # -- irregular payloads ------------------------------------------------------------------------
@@ -661,6 +699,7 @@ U64_REPLY = ReplyRow(U64Reply, U64)
 VRING_BASE_REPLY = ReplyRow(VringStateReply, VRING_STATE)
 CONFIG_REPLY = ReplyRow(ConfigReply, CONFIG_DATA_OR_FAILURE)
 INFLIGHT_REPLY = ReplyRow(InflightReply, INFLIGHT, Fds.ONE)
+LOG_BASE_REPLY = ReplyRow(LogBaseReply, EMPTY)
 
 REQUESTS: tuple[Row, ...] = (
     Row(Request.GET_FEATURES, GetFeatures, EMPTY, reply=U64_REPLY),
@@ -668,6 +707,8 @@ REQUESTS: tuple[Row, ...] = (
     Row(Request.SET_OWNER, SetOwner, EMPTY),
     Row(Request.RESET_OWNER, ResetOwner, EMPTY),
     Row(Request.SET_MEM_TABLE, SetMemTable, MEM_TABLE, Fds.PER_REGION),
+    Row(Request.SET_LOG_BASE, SetLogBase, LOG, Fds.ONE, reply=LOG_BASE_REPLY),
+    Row(Request.SET_LOG_FD, SetLogFd, EMPTY, Fds.ONE),
     Row(Request.SET_VRING_NUM, SetVringNum, VRING_STATE),
     Row(Request.SET_VRING_ADDR, SetVringAddr, VRING_ADDR),
     Row(Request.SET_VRING_BASE, SetVringBase, VRING_STATE),

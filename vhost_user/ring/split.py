@@ -124,7 +124,9 @@ class SplitVirtqueue:
         "_used16",
         "_used32",
         "_used_event",
+        "_used_gpa",
         "_used_idx",
+        "_writes",
     )
 
     def __init__(
@@ -169,6 +171,10 @@ class SplitVirtqueue:
         self._desc = memory.view(desc_gpa, 16 * size)
         self._avail = words(memory.view(avail_gpa, 6 + 2 * size), "H")
         used = memory.view(used_gpa, 6 + 8 * size, writable=True)
+        # Stores through a writable view are ours to report to the write choke point, by
+        # guest address (memory.write_tracker; the dirty log of live migration marks them).
+        self._writes = memory.writes
+        self._used_gpa = used_gpa
         self._used16 = words(used, "H")
         self._used32 = words(used[: 4 + 8 * size], "I")
         self._used_event = _RING + size  # avail->ring[size], u16 item (§2.7.6)
@@ -368,11 +374,16 @@ class SplitVirtqueue:
         used32 = self._used32
         used32[elem] = head
         used32[elem + 1] = length
+        writes = self._writes
+        if writes.active:
+            writes.note(self._used_gpa + 4 * elem, 8)
         # Write barrier (§2.7.8.2: the device MUST set len before updating used->idx): the
         # element must be visible before the index that publishes it. Free on x86.
         used_idx = (used_idx + 1) & 0xFFFF
         self._used16[_IDX] = used_idx
         self._used_idx = used_idx
+        if writes.active:
+            writes.note(self._used_gpa + 2 * _IDX, 2)
         if self._in_flight:
             self._in_flight -= 1
 
@@ -408,6 +419,8 @@ class SplitVirtqueue:
         """Ask the driver not to kick (a hint: it may kick anyway)."""
         if not self._event_idx:
             self._used16[_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
+            if self._writes.active:
+                self._writes.note(self._used_gpa, 2)
         # With EVENT_IDX there is nothing to write: avail_event stays where the last
         # enable_notifications put it, so the driver kicks once when it passes that index
         # and not again (§2.7.10); flags MUST stay 0 (§2.7.10.2).
@@ -421,8 +434,12 @@ class SplitVirtqueue:
         if self._event_idx:
             # Kick me when you write the entry at next_avail, i.e. the first one I haven't seen.
             self._used16[self._avail_event] = self._next_avail
+            where = 2 * self._avail_event
         else:
             self._used16[_FLAGS] = 0
+            where = 0
+        if self._writes.active:
+            self._writes.note(self._used_gpa + where, 2)
         # Full barrier: the store above must be visible before we load avail->idx. Otherwise
         # the driver can publish a buffer and read the old flags/avail_event (no kick) while
         # we read the old avail->idx (nothing to do): a request stranded until the next kick
