@@ -27,6 +27,7 @@ import structlog
 
 from blkdev import virtio_blk as vb
 from blkdev.disks.disk import Disk
+from blkdev.disks.handle import DiskHandle
 from blkdev.errors import BlkdevError
 from blkdev.stats import DeviceStats, RequestType, request_type
 from memory import AccessError, GuestMemory, GuestMemoryError, request_buffers_from_buffers
@@ -180,6 +181,18 @@ class BlkDevice:
             # Writes completed while the cache was on are not durable yet; make them so
             # before we start promising write-through.
             self._flush_logged("cache mode change to write-through")
+
+    def release(self) -> None:
+        """Migrated away: hand the image over (``blkdev.disks.handle``); quiesce has flushed."""
+        if isinstance(self._disk, DiskHandle):
+            try:
+                self._disk.release()
+            except Exception:
+                log.exception("releasing the image failed")
+
+    def acquire(self) -> None:
+        if isinstance(self._disk, DiskHandle):
+            self._disk.acquire()
 
     def quiesce(self) -> None:
         self._flush_logged("quiesce")

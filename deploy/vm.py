@@ -417,6 +417,7 @@ def qemu_command(
     reconnect: bool = False,
     accel: str = "tcg",
     cmdline_extra: str = "",
+    extra: Sequence[str] = (),
 ) -> list[str]:
     # vhost-user needs guest RAM in a shareable fd (memfd) so the backend can map it.
     chardev = f"socket,id=vub0,path={socket}" + (",reconnect=1" if reconnect else "")
@@ -442,7 +443,62 @@ def qemu_command(
     argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-no-reboot"]
     for flag, value in options:
         argv += [flag, value]
-    return argv
+    return [*argv, *extra]
+
+
+class QmpError(RuntimeError):
+    """QEMU answered a QMP command with an error, or the monitor went away."""
+
+
+class Qmp:
+    """A minimal QMP client over QEMU's ``-qmp unix:PATH,server=on,wait=off`` socket: the
+    greeting, ``qmp_capabilities``, then one command at a time (events are skipped)."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        import socket as socket_module
+
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise QmpError(f"no QMP monitor at {path} after {timeout:.0f}s") from None
+                time.sleep(0.1)
+        sock.settimeout(timeout)
+        self._file = sock.makefile("rwb")
+        self._sock = sock
+        self._read()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict[str, object]:
+        line = self._file.readline()
+        if not line:
+            raise QmpError("QMP monitor closed")
+        obj: dict[str, object] = json.loads(line)
+        return obj
+
+    def execute(self, command: str, **arguments: object) -> object:
+        msg: dict[str, object] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self._file.write(json.dumps(msg).encode() + b"\n")
+        self._file.flush()
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise QmpError(f"{command}: {reply['error']}")
+            return reply.get("return")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+            self._sock.close()
 
 
 def run_vm(
@@ -554,6 +610,27 @@ def _follow(
     for line in lines:
         on_line(line.decode(errors="replace").rstrip("\r"))
     return pos, pending
+
+
+def spawn_qemu(argv: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a QEMU that :func:`run_vm` does not wait for (a migration has two at once): its
+    own process group and the parent-death signal, like every process here. Stop it with
+    :func:`terminate`."""
+    return _spawn(argv, log_path)
+
+
+def console_lines(path: Path) -> Callable[[], list[str]]:
+    """A reader of the lines a console file gained since the last call."""
+    state: tuple[int, bytes] = (0, b"")
+    out: list[str] = []
+
+    def read() -> list[str]:
+        nonlocal state
+        out.clear()
+        state = _follow(path, state[0], state[1], out.append)
+        return list(out)
+
+    return read
 
 
 @contextlib.contextmanager

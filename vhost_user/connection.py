@@ -233,6 +233,7 @@ class Connection:
         self.acked_features = msg.features
         self.device.set_acked_features(msg.features & ~TRANSPORT_FEATURES)
         self.vrings.set_features(msg.features)
+        self.vrings.migrating = bool(msg.features & codec.VHOST_F_LOG_ALL)
         self.log.info("features acked", features=hex(msg.features))
         # QEMU turns LOG_ALL on when a migration starts and off when it ends or fails; it
         # waits for this message to be handled (a REPLY_ACK or a GET_FEATURES round trip)

@@ -61,3 +61,16 @@ class VhostUserDevice(Protocol):
         """All queues are stopped (GET_VRING_BASE on every queue, disconnect, or shutdown):
         make completed writes durable if the device caches them. Errors are logged, not raised."""
         ...
+
+    def release(self) -> None:
+        """The front-end stopped every queue while logging dirty pages (VHOST_F_LOG_ALL): the
+        device is being migrated away. Give up what the destination's backend needs (a block
+        device: the image and its lock). :meth:`acquire` comes before any queue runs again.
+        Errors are logged, not raised."""
+        ...
+
+    def acquire(self) -> None:
+        """Before the first queue starts (at start, or after :meth:`release`): take back what
+        release gave up; a no-op when held. Raising fails that queue's start (it stays
+        stopped, and the error is logged)."""
+        ...

@@ -90,6 +90,9 @@ class Vrings:
         self._virtqueue_factory = virtqueue_factory
         self._acked_features = 0
         self._ran_since_quiesce = False
+        #: The front-end has VHOST_F_LOG_ALL on (set by the connection): stopping every queue
+        #: now means the device is migrated away (VhostUserDevice.release).
+        self.migrating = False
 
     def get(self, index: int) -> Vring:
         """The vring of queue ``index``; FrontendProtocolError if the device has no such queue."""
@@ -140,6 +143,10 @@ class Vrings:
         if self._ran_since_quiesce and all(r.worker is None for r in self.rings):
             self._ran_since_quiesce = False
             self.device.quiesce()
+            if self.migrating:
+                # Every queue stopped while the front-end logs dirty pages: the VM stops to
+                # finish a migration, and the destination's backend is about to start.
+                self.device.release()
         self.log.debug("vring stopped", queue=ring.index, next_avail=ring.next_avail)
         return ring.next_avail
 
@@ -271,6 +278,17 @@ class Vrings:
             # stopped until the front-end sets memory or addresses that work.
             self.log.warning("vring cannot start", queue=ring.index, error=str(exc))
             return
+        if not self._ran_since_quiesce:
+            try:
+                self.device.acquire()
+            except Exception as exc:
+                # Not the front-end's doing (another process holds the image): the queue stays
+                # stopped and broken until the front-end sets it up again.
+                self.log.error(
+                    "vring cannot start: device unavailable", queue=ring.index, error=str(exc)
+                )
+                ring.broken = True
+                return
         # Size and base were checked on arrival (set_num, set_base) and the used index is the
         # previous queue's: what the factory could refuse with ValueError is ours, and
         # propagates. GuestFault and GuestMemoryError are its verdict on the addresses it was

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from blkdev.cli.common import UsageError, add_logging_options
+from blkdev.disks.disk import Disk
 
 MAX_NUM_QUEUES = 64
 
@@ -118,6 +119,14 @@ def add_parser(commands: Any) -> None:
         help="serve Prometheus metrics over HTTP (a bare PORT listens on 127.0.0.1)",
     )
     serve.add_argument(
+        "--incoming",
+        action="store_true",
+        help=(
+            "be a live migration's destination: only look at the image (no lock, no write) "
+            "until the migrated guest's rings start here"
+        ),
+    )
+    serve.add_argument(
         "--no-follow-resize",
         action="store_true",
         help="do not follow a block device's kernel resize events",
@@ -137,6 +146,30 @@ def check_socket_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise UsageError(f"{path} exists and is not a socket: remove it or choose another path")
+
+
+class _WritableView:
+    """An incoming migration's first look at the image is read-only; the handle must learn
+    the properties of the writable disk it will open (``read_only``, discard, write-zeroes)."""
+
+    def __init__(self, disk: Disk, read_only: bool) -> None:
+        self._disk = disk
+        self._read_only = read_only
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._disk, name)
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def supports_discard(self) -> bool:
+        return not self._read_only
+
+    @property
+    def supports_write_zeroes(self) -> bool:
+        return not self._read_only
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,10 +210,25 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"--metrics: {exc}") from None
 
+    from blkdev.disks.handle import DiskHandle
+
     log = structlog.get_logger("vhost-user-blk")
-    disk = open_disk(args.image, fmt=args.format, read_only=args.read_only, cache=args.cache)
+
+    def opener() -> Disk:
+        return open_disk(args.image, fmt=args.format, read_only=args.read_only, cache=args.cache)
+
+    if args.incoming:
+        # A migration's destination: the source holds the image until its VM stops. Look
+        # only (read-only, no lock) for the config space; blkdev.disks.handle takes it later.
+        first = open_disk(args.image, fmt=args.format, read_only=True, cache=args.cache, lock=False)
+        if not args.read_only and not os.access(args.image, os.W_OK):
+            first.close()
+            raise UsageError(f"{args.image} cannot be written: pass --read-only or fix its mode")
+        disk = DiskHandle(opener, _WritableView(first, args.read_only), held=False)
+    else:
+        disk = DiskHandle(opener, opener())
     log.info(
-        "image opened",
+        "image opened" if disk.held else "image looked at (incoming migration): not locked",
         image=args.image,
         format=disk.format_name,
         size=disk.size,

@@ -92,11 +92,14 @@ class RawDisk:
         read_only: bool = False,
         cache: Literal["writeback", "none"] = "writeback",
         probed: bool = False,
+        lock: bool = True,
     ) -> RawDisk:
         """Open and lock ``path``; ImageError (naming the fix) when it cannot be served.
 
         ``probed``: the format was guessed, not given, so the guest may not write a first
-        sector that a later probe would take for another format (see ``blkdev.disks.registry``)."""
+        sector that a later probe would take for another format (see ``blkdev.disks.registry``).
+        ``lock=False`` (with ``read_only``) only looks: a migration destination learns the
+        image's size while the source still holds it (``blkdev.disks.handle``)."""
         if cache not in ("writeback", "none"):
             raise ValueError(f"unknown cache mode {cache!r}")
         direct = cache == "none"
@@ -106,7 +109,8 @@ class RawDisk:
             block_device = stat.S_ISBLK(st.st_mode)
             size = block_device_size(fd) if block_device else st.st_size
             check_size(path, size)
-            lock_image(fd, path, read_only=read_only)
+            if lock or not read_only:
+                lock_image(fd, path, read_only=read_only)
             align = direct_alignment(fd, block_device) if direct else SECTOR_SIZE
             if size % align:
                 raise ImageError(

@@ -39,6 +39,8 @@ class OpenRequest:
     cache: Cache
     probed: bool
     """The format was guessed, not given: the opener must not trust the image's metadata."""
+    lock: bool = True
+    """False (read-only only): look without locking (a migration destination's first look)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +52,16 @@ class DiskFormat:
 
 
 def _open_raw(req: OpenRequest) -> Disk:
-    return RawDisk.open(req.target, read_only=req.read_only, cache=req.cache, probed=req.probed)
+    return RawDisk.open(
+        req.target, read_only=req.read_only, cache=req.cache, probed=req.probed, lock=req.lock
+    )
 
 
 def _open_qcow2(req: OpenRequest) -> Disk:
     # cache="none" applies to raw images only: qcow2 metadata I/O is not aligned.
-    return QcowDisk.open(req.target, read_only=req.read_only, allow_backing=not req.probed)
+    return QcowDisk.open(
+        req.target, read_only=req.read_only, allow_backing=not req.probed, lock=req.lock
+    )
 
 
 FORMATS: Mapping[str, DiskFormat] = {
@@ -80,9 +86,13 @@ def open_disk(
     fmt: Format = "auto",
     read_only: bool = False,
     cache: Cache = "writeback",
+    lock: bool = True,
 ) -> Disk:
     """Open ``image`` (a path, or ``scheme:...`` for a URI format); ``disk.format_name`` says
-    which format was used. ``fmt="auto"`` probes a path (see the module docstring)."""
+    which format was used. ``fmt="auto"`` probes a path (see the module docstring).
+    ``lock=False`` needs ``read_only``: it looks at the image without locking it."""
+    if not lock and not read_only:
+        raise ValueError("an image opened for writing is always locked")
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown image format {fmt!r}")
     if cache not in ("writeback", "none"):
@@ -96,4 +106,6 @@ def open_disk(
     else:
         chosen = FORMATS[probe_format(image) if fmt == "auto" else fmt]
         target, probed = image, fmt == "auto"
-    return chosen.open(OpenRequest(target, read_only=read_only, cache=cache, probed=probed))
+    return chosen.open(
+        OpenRequest(target, read_only=read_only, cache=cache, probed=probed, lock=lock)
+    )

@@ -87,6 +87,12 @@ class EchoDevice:
             self.handled += 1
         return written
 
+    def release(self) -> None:
+        pass
+
+    def acquire(self) -> None:
+        pass
+
     def quiesce(self) -> None:
         with self._lock:
             self.quiesced += 1

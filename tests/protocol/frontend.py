@@ -109,6 +109,7 @@ class Frontend:
         sock.settimeout(timeout)
         self.transport = Transport(sock, message_timeout=timeout)
         self.protocol_features = 0
+        self.offered_features = 0
         self.backend_channel: socket.socket | None = None
         self.vrings: dict[int, VringFds] = {}
 
@@ -262,8 +263,10 @@ class Frontend:
     # -- QEMU 7.2 vhost-user-blk sequences -----------------------------------------------------
 
     def handshake(self, *, want_protocol: int | None = None) -> int:
-        """vhost_user_blk_realize -> vhost_dev_init, then GET_CONFIG. Returns device features."""
-        features = self.get_features()
+        """vhost_user_blk_realize -> vhost_dev_init, then GET_CONFIG. Returns the features to
+        ack: what the backend offers less VHOST_F_LOG_ALL, which QEMU acks only while it
+        migrates the device (then stopping the rings hands the image over)."""
+        self.offered_features = features = self.get_features()
         assert features & codec.VHOST_USER_F_PROTOCOL_FEATURES
         offered = self.get_protocol_features()
         self.set_protocol_features(offered if want_protocol is None else offered & want_protocol)
@@ -276,7 +279,7 @@ class Frontend:
         self.call(codec.SetOwner())
         if self.protocol_features & PF.CONFIG:
             self.config = self.get_config(0, 60)
-        return features
+        return features & ~codec.VHOST_F_LOG_ALL
 
     def close(self) -> None:
         for fds in self.vrings.values():

@@ -37,6 +37,12 @@ class CountingBlk(BlkDevice):
         self.served += 1
         return length
 
+    def release(self) -> None:
+        pass
+
+    def acquire(self) -> None:
+        pass
+
     def quiesce(self) -> None:
         super().quiesce()
         self.quiesced += 1

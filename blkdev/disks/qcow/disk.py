@@ -118,17 +118,23 @@ class QcowDisk:
     # ----------------------------------------------------------------- opening
 
     @classmethod
-    def open(cls, path: str, *, read_only: bool, allow_backing: bool = True) -> QcowDisk:
-        """Open (and lock) a qcow2 image; ImageError naming the fix when it cannot be served."""
-        return cls._open(path, read_only=read_only, allow_backing=allow_backing, depth=0)
+    def open(
+        cls, path: str, *, read_only: bool, allow_backing: bool = True, lock: bool = True
+    ) -> QcowDisk:
+        """Open (and lock) a qcow2 image; ImageError naming the fix when it cannot be served.
+        ``lock=False`` (with ``read_only``) only looks, as ``RawDisk.open`` says."""
+        return cls._open(path, read_only=read_only, allow_backing=allow_backing, depth=0, lock=lock)
 
     @classmethod
-    def _open(cls, path: str, *, read_only: bool, allow_backing: bool, depth: int) -> QcowDisk:
+    def _open(
+        cls, path: str, *, read_only: bool, allow_backing: bool, depth: int, lock: bool = True
+    ) -> QcowDisk:
         fd = open_image_file(path, read_only=read_only)
         file = ImageFile(fd, path)
         backing: Backing | None = None
         try:
-            lock_image(fd, path, read_only=read_only)
+            if lock or not read_only:
+                lock_image(fd, path, read_only=read_only)
             header = read_header(file)
             check_supported(header, path, writable=not read_only)
             if header.backing_file is not None:
