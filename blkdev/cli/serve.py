@@ -148,30 +148,6 @@ def check_socket_path(path: str) -> None:
         raise UsageError(f"{path} exists and is not a socket: remove it or choose another path")
 
 
-class _WritableView:
-    """An incoming migration's first look at the image is read-only; the handle must learn
-    the properties of the writable disk it will open (``read_only``, discard, write-zeroes)."""
-
-    def __init__(self, disk: Disk, read_only: bool) -> None:
-        self._disk = disk
-        self._read_only = read_only
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._disk, name)
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
-    def supports_discard(self) -> bool:
-        return not self._read_only
-
-    @property
-    def supports_write_zeroes(self) -> bool:
-        return not self._read_only
-
-
 def run(args: argparse.Namespace) -> int:
     from blkdev import systemd
     from blkdev.control import Backend, ControlServer
@@ -224,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.read_only and not os.access(args.image, os.W_OK):
             first.close()
             raise UsageError(f"{args.image} cannot be written: pass --read-only or fix its mode")
-        disk = DiskHandle(opener, _WritableView(first, args.read_only), held=False)
+        disk = DiskHandle(opener, first, held=False, read_only=args.read_only)
     else:
         disk = DiskHandle(opener, opener())
     log.info(

@@ -47,14 +47,25 @@ class DiskHandle:
     is closed at once, and the handle starts released.
     """
 
-    def __init__(self, opener: Callable[[], Disk], disk: Disk, *, held: bool = True) -> None:
+    def __init__(
+        self,
+        opener: Callable[[], Disk],
+        disk: Disk,
+        *,
+        held: bool = True,
+        read_only: bool | None = None,
+    ) -> None:
+        """``read_only``: what the disk ``opener`` opens will be, when ``disk`` (opened only
+        to look, so read-only) cannot tell; discard and write-zeroes then follow it, as they
+        do for every disk format (both exactly when writable)."""
         self._opener = opener
         self._lock = threading.Lock()
         self.format_name = disk.format_name
         self.discard_granularity = disk.discard_granularity
-        self._read_only = disk.read_only
-        self._supports_discard = disk.supports_discard
-        self._supports_write_zeroes = disk.supports_write_zeroes
+        self._read_only = disk.read_only if read_only is None else read_only
+        writable = not self._read_only
+        self._supports_discard = disk.supports_discard if read_only is None else writable
+        self._supports_write_zeroes = disk.supports_write_zeroes if read_only is None else writable
         self._rdev = disk.rdev
         self._size = disk.size
         self._disk: Disk | None = disk
