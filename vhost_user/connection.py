@@ -36,6 +36,7 @@ from vhost_user.device import VhostUserDevice
 from vhost_user.errors import ConnectionClosed, FrontendProtocolError
 from vhost_user.protocol import codec
 from vhost_user.protocol.codec import ProtocolFeature as PF
+from vhost_user.ring.inflight import InflightArea, InflightError
 from vhost_user.ring.split import SplitVirtqueue
 from vhost_user.ring.virtqueue import VirtqueueFactory
 from vhost_user.transport import Transport, close_fds
@@ -46,7 +47,13 @@ __all__ = ["MAX_MEM_SLOTS", "OFFERED_PROTOCOL_FEATURES", "Connection", "ring_len
 log = structlog.get_logger(__name__)
 
 OFFERED_PROTOCOL_FEATURES = (
-    PF.MQ | PF.LOG_SHMFD | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS
+    PF.MQ
+    | PF.LOG_SHMFD
+    | PF.REPLY_ACK
+    | PF.BACKEND_REQ
+    | PF.CONFIG
+    | PF.INFLIGHT_SHMFD
+    | PF.CONFIGURE_MEM_SLOTS
 )
 TRANSPORT_FEATURES = codec.VHOST_USER_F_PROTOCOL_FEATURES | codec.VHOST_F_LOG_ALL
 """Feature bits the connection offers beside the device's: they are vhost-user's, not the
@@ -110,6 +117,8 @@ class Connection:
                 _on(codec.SetMemTable, self._set_mem_table),
                 _on(codec.SetLogBase, self._set_log_base),
                 _on(codec.SetLogFd, self._set_log_fd),
+                _on(codec.GetInflightFd, self._get_inflight_fd),
+                _on(codec.SetInflightFd, self._set_inflight_fd),
                 _on(codec.GetMaxMemSlots, self._get_max_mem_slots),
                 _on(codec.AddMemReg, self._add_mem_reg),
                 _on(codec.RemMemReg, self._rem_mem_reg),
@@ -182,7 +191,11 @@ class Connection:
         finally:
             close_fds([fd for fd in msg.fds if fd not in self._kept])
         if reply is not None:
-            self.transport.send_reply(reply)
+            try:
+                self.transport.send_reply(reply)
+            finally:
+                if isinstance(reply, codec.InflightReply):
+                    close_fds([reply.fd])  # a copy went with the reply; ours is not kept
         elif self._ack_wanted(code, msg.need_reply):
             self.transport.send_reply(codec.U64Reply(code, 0))
 
@@ -297,6 +310,47 @@ class Connection:
         channel), e.g. after a live resize. Safe from any thread. Returns whether the front-end
         took it (False when the channel or the CONFIG feature is missing, or it failed)."""
         return self._backend.notify_config_change(self.protocol_features)
+
+    # -- inflight tracking (restart without losing a request) ----------------------------------
+
+    def _get_inflight_fd(self, msg: codec.GetInflightFd) -> codec.InflightReply:
+        """A fresh area for ``num_queues`` queues of ``queue_size``; QEMU keeps the fd and
+        gives it back with SET_INFLIGHT_FD, to us and to whichever backend follows us."""
+        if not self.protocol_features & PF.INFLIGHT_SHMFD:
+            raise FrontendProtocolError("GET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
+        if msg.num_queues > len(self.rings) or not 1 <= msg.queue_size <= 32768:
+            raise FrontendProtocolError(
+                f"GET_INFLIGHT_FD: {msg.num_queues} queues of {msg.queue_size} entries "
+                f"(the device has {len(self.rings)} queues)"
+            )
+        try:
+            area, fd = InflightArea.create(max(msg.num_queues, 1), msg.queue_size)
+        except InflightError as exc:
+            raise FrontendProtocolError(f"GET_INFLIGHT_FD: {exc}") from None
+        area.close()  # SET_INFLIGHT_FD maps it, from the fd QEMU sends back
+        # The reply carries the fd (handle_message closes our copy once it is sent).
+        return codec.InflightReply(area.mmap_size, 0, msg.num_queues, msg.queue_size, fd)
+
+    def _set_inflight_fd(self, msg: codec.SetInflightFd) -> None:
+        if not self.protocol_features & PF.INFLIGHT_SHMFD:
+            raise FrontendProtocolError("SET_INFLIGHT_FD without INFLIGHT_SHMFD negotiated")
+        if msg.num_queues > len(self.rings):
+            raise FrontendProtocolError(
+                f"SET_INFLIGHT_FD: {msg.num_queues} queues, the device has {len(self.rings)}"
+            )
+        try:
+            area = InflightArea(
+                msg.fd, msg.mmap_size, msg.mmap_offset, msg.num_queues, msg.queue_size
+            )
+        except InflightError as exc:
+            raise FrontendProtocolError(f"SET_INFLIGHT_FD: {exc}") from None
+        # Rings stop before the area changes: a worker records into the area it started with.
+        self.vrings.pause_all()
+        old, self.vrings.inflight = self.vrings.inflight, area
+        if old is not None:
+            old.close()
+        self.log.info("inflight area set", queues=msg.num_queues, queue_size=msg.queue_size)
+        self.vrings.set_memory(self.memory)
 
     # -- dirty logging (live migration) --------------------------------------------------------
 
@@ -466,6 +520,9 @@ class Connection:
         if self._log_fd is not None:
             close_fds([self._log_fd])
             self._log_fd = None
+        if self.vrings.inflight is not None:
+            self.vrings.inflight.close()
+            self.vrings.inflight = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None

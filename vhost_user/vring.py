@@ -40,6 +40,7 @@ from vhost_user.errors import FrontendProtocolError, GuestFault
 from vhost_user.protocol import codec
 from vhost_user.queue_worker import QueueWorker, WorkerStuck
 from vhost_user.ring.features import VIRTIO_RING_F_EVENT_IDX, has
+from vhost_user.ring.inflight import InflightArea
 from vhost_user.ring.virtqueue import VirtqueueFactory
 from vhost_user.transport import close_fds
 
@@ -93,6 +94,8 @@ class Vrings:
         #: The front-end has VHOST_F_LOG_ALL on (set by the connection): stopping every queue
         #: now means the device is migrated away (VhostUserDevice.release).
         self.migrating = False
+        #: The inflight area (SET_INFLIGHT_FD), one region per queue; set by the connection.
+        self.inflight: InflightArea | None = None
 
     def get(self, index: int) -> Vring:
         """The vring of queue ``index``; FrontendProtocolError if the device has no such queue."""
@@ -294,6 +297,14 @@ class Vrings:
         # propagates. GuestFault and GuestMemoryError are its verdict on the addresses it was
         # given (SplitVirtqueue: a part that lies at a misaligned host address, which only the
         # front-end's mmap offset causes), so the front-end's.
+        region = None
+        if self.inflight is not None:
+            if ring.index >= self.inflight.num_queues or ring.num > self.inflight.queue_size:
+                raise FrontendProtocolError(
+                    f"vring {ring.index} of {ring.num} entries is not covered by the inflight "
+                    f"area ({self.inflight.num_queues} queues of {self.inflight.queue_size})"
+                )
+            region = self.inflight.queues[ring.index]
         try:
             queue = self._virtqueue_factory(
                 self.memory,
@@ -304,6 +315,7 @@ class Vrings:
                 event_idx=has(self._acked_features, VIRTIO_RING_F_EVENT_IDX),
                 next_avail_idx=ring.next_avail,
                 used_idx=ring.used_idx,
+                inflight=region,
             )
         except (GuestFault, GuestMemoryError) as exc:
             raise FrontendProtocolError(f"vring {ring.index}: cannot set up: {exc}") from None
@@ -319,7 +331,7 @@ class Vrings:
         ring.worker = worker
         self._ran_since_quiesce = True
         worker.start()
-        self.log.debug("vring started", queue=ring.index, size=ring.num, base=ring.next_avail)
+        self.log.info("vring started", queue=ring.index, size=ring.num, base=ring.next_avail)
 
     def _pause(self, ring: Vring) -> bool:
         """Stop the ring's worker (in-flight request finished), keeping its position so it

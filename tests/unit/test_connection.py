@@ -436,6 +436,7 @@ def _broken_factory(
     event_idx: bool,
     next_avail_idx: int = 0,
     used_idx: int | None = None,
+    inflight: object = None,
 ) -> Virtqueue:
     raise ValueError("a bug of ours")
 

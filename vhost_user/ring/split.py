@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_right
+from collections import deque
 from typing import Final
 
 from memory import GuestMemory, GuestMemoryError
 from memory.shared import full_fence, words
 from vhost_user.errors import GuestFault
 from vhost_user.ring.chain import Descriptor, DescriptorChain
+from vhost_user.ring.inflight import QueueInflight
 
 VIRTQ_DESC_F_NEXT: Final = 1
 VIRTQ_DESC_F_WRITE: Final = 2
@@ -110,11 +112,13 @@ class SplitVirtqueue:
         "_event_idx",
         "_in_flight",
         "_indirect_limit",
+        "_inflight",
         "_mask",
         "_memory",
         "_next_avail",
         "_region_ends",
         "_region_starts",
+        "_resubmit",
         "_shadow_avail",
         "_signalled_used",
         "_signalled_valid",
@@ -140,7 +144,13 @@ class SplitVirtqueue:
         event_idx: bool,
         next_avail_idx: int = 0,
         used_idx: int | None = None,
+        inflight: QueueInflight | None = None,
     ) -> None:
+        """``inflight``: the queue's inflight region (vhost_user.ring.inflight). The queue
+        then records every pop and push there, and starts by recovering from it: the chains
+        a dead backend left in flight come first out of :meth:`pop`, and the next avail index
+        is recomputed (``next_avail_idx`` is what SET_VRING_BASE said, which a crash makes
+        wrong)."""
         if type(size) is not int or not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise ValueError(f"queue size {size!r} is not a power of two in 1..{MAX_QUEUE_SIZE}")
         if not 0 <= next_avail_idx <= 0xFFFF:
@@ -184,9 +194,14 @@ class SplitVirtqueue:
         regions = sorted(memory.regions, key=lambda r: r.guest_phys_addr)
         self._region_starts = [r.guest_phys_addr for r in regions]
         self._region_ends = [r.guest_phys_addr + r.memory_size for r in regions]
+        self._used_idx = self._used16[_IDX] if used_idx is None else used_idx
+        self._inflight = inflight
+        self._resubmit: deque[int] = deque()
+        if inflight is not None:
+            heads, next_avail_idx = inflight.recover(self._used_idx, size)
+            self._resubmit.extend(heads)
         self._next_avail = next_avail_idx
         self._shadow_avail = next_avail_idx
-        self._used_idx = self._used16[_IDX] if used_idx is None else used_idx
         # Nothing is known about what the driver was last told (a fresh start, or a ring
         # taken over after a reconnect whose last interrupt may have been lost): the first
         # notification decision says yes. Spurious interrupts are harmless, lost ones hang.
@@ -234,6 +249,10 @@ class SplitVirtqueue:
         Raises :class:`GuestFault` when avail->idx claims more than a full ring of new entries
         (the driver broke the ring: stop the queue).
         """
+        if self._resubmit:
+            # A dead backend's requests, in the order it popped them (already marked).
+            self._in_flight += 1
+            return self._walk(self._resubmit.popleft())
         next_avail = self._next_avail
         if next_avail == self._shadow_avail:
             avail_idx = self._avail[_IDX]
@@ -253,6 +272,11 @@ class SplitVirtqueue:
         head = self._avail[_RING + (next_avail & self._mask)]
         self._next_avail = (next_avail + 1) & 0xFFFF
         self._in_flight += 1
+        if self._inflight is not None and head < self._size:
+            # Recorded before the request is served: a backend that dies from here on leaves
+            # it for the next one to resubmit. (A head past the queue is a broken chain that
+            # _walk refuses; it completes with nothing to track.)
+            self._inflight.popped(head)
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
@@ -369,6 +393,9 @@ class SplitVirtqueue:
         """Return chain ``head`` to the driver, ``length`` bytes written into its buffers."""
         if not (0 <= head <= _U32_MAX and 0 <= length <= _U32_MAX):
             raise ValueError(f"used element ({head}, {length}) does not fit u32 fields")
+        inflight = self._inflight
+        if inflight is not None:
+            inflight.publishing(head)
         used_idx = self._used_idx
         elem = 1 + 2 * (used_idx & self._mask)  # u32 item of used->ring[i].id
         used32 = self._used32
@@ -384,6 +411,8 @@ class SplitVirtqueue:
         self._used_idx = used_idx
         if writes.active:
             writes.note(self._used_gpa + 2 * _IDX, 2)
+        if inflight is not None and head < self._size:
+            inflight.published(head, used_idx)
         if self._in_flight:
             self._in_flight -= 1
 

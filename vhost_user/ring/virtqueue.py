@@ -11,6 +11,7 @@ from typing import Protocol
 
 from memory import GuestMemory
 from vhost_user.ring.chain import DescriptorChain
+from vhost_user.ring.inflight import QueueInflight
 
 
 class Virtqueue(Protocol):
@@ -45,4 +46,5 @@ class VirtqueueFactory(Protocol):
         event_idx: bool,
         next_avail_idx: int = ...,
         used_idx: int | None = ...,
+        inflight: QueueInflight | None = ...,
     ) -> Virtqueue: ...
