@@ -50,9 +50,12 @@ def _script(fmt: str) -> str:
     usleep 200000; done ) > /dev/null 2>&1 &
 trimmer=$!
 echo FIO-START
-taskset -c 0 fio --name=q0 {job} --offset=0 --size=24M > /tmp/q0.log 2>&1 &
+# Three rounds per queue: long enough for six kills with room to spare on a fast host.
+( for r in 1 2 3; do taskset -c 0 fio --name=q0 {job} --offset=0 --size=32M || exit 1; done ) \
+    > /tmp/q0.log 2>&1 &
 p0=$!
-taskset -c 1 fio --name=q1 {job} --offset=40M --size=24M > /tmp/q1.log 2>&1 &
+( for r in 1 2 3; do taskset -c 1 fio --name=q1 {job} --offset=40M --size=32M || exit 1; done ) \
+    > /tmp/q1.log 2>&1 &
 p1=$!
 if wait $p0; then result fio_q0 PASS; else tail -n 15 /tmp/q0.log; result fio_q0 FAIL; fi
 if wait $p1; then result fio_q1 PASS; else tail -n 15 /tmp/q1.log; result fio_q1 FAIL; fi
@@ -134,7 +137,7 @@ def test_sigkill_and_restart_under_a_verifying_guest(harness: Harness, fmt: str)
                     if finished.is_set() or time.monotonic() > deadline:
                         return
                     time.sleep(0.05)
-                if finished.wait(rnd.uniform(0.3, 2.0)):
+                if finished.wait(rnd.uniform(0.2, 1.2)):
                     return
                 os.killpg(current.proc.pid, signal.SIGKILL)
                 current.proc.wait(10)
