@@ -182,6 +182,17 @@ class BlkDevice:
             # before we start promising write-through.
             self._flush_logged("cache mode change to write-through")
 
+    @property
+    def inflight_state_size(self) -> int:
+        return self._disk.journal_size
+
+    def attach_inflight_state(self, region: memoryview | None) -> None:
+        """The disk's journal lives there (``blkdev.disks.qcow.journal``)."""
+        try:
+            self._disk.attach_journal(region)
+        except Exception:
+            log.exception("attaching the disk's journal failed")
+
     def release(self) -> None:
         """Migrated away: hand the image over (``blkdev.disks.handle``); quiesce has flushed."""
         if isinstance(self._disk, DiskHandle):

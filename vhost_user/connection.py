@@ -324,7 +324,11 @@ class Connection:
                 f"(the device has {len(self.rings)} queues)"
             )
         try:
-            area, fd = InflightArea.create(max(msg.num_queues, 1), msg.queue_size)
+            area, fd = InflightArea.create(
+                max(msg.num_queues, 1),
+                msg.queue_size,
+                state_size=self.device.inflight_state_size,
+            )
         except InflightError as exc:
             raise FrontendProtocolError(f"GET_INFLIGHT_FD: {exc}") from None
         area.close()  # SET_INFLIGHT_FD maps it, from the fd QEMU sends back
@@ -340,17 +344,36 @@ class Connection:
             )
         try:
             area = InflightArea(
-                msg.fd, msg.mmap_size, msg.mmap_offset, msg.num_queues, msg.queue_size
+                msg.fd,
+                msg.mmap_size,
+                msg.mmap_offset,
+                msg.num_queues,
+                msg.queue_size,
+                state_size=self.device.inflight_state_size,
             )
         except InflightError as exc:
             raise FrontendProtocolError(f"SET_INFLIGHT_FD: {exc}") from None
         # Rings stop before the area changes: a worker records into the area it started with.
         self.vrings.pause_all()
         old, self.vrings.inflight = self.vrings.inflight, area
+        if self.device.inflight_state_size and area.state is None:
+            self.log.warning(
+                "the inflight area has no room for the device's state (made by another "
+                "backend?): completed, unflushed qcow2 metadata would not survive a restart",
+                mmap_size=msg.mmap_size,
+            )
+        # Before the old area goes: the device detaches from it (the qcow2 journal writes back).
+        self._attach_state(area.state)
         if old is not None:
             old.close()
         self.log.info("inflight area set", queues=msg.num_queues, queue_size=msg.queue_size)
         self.vrings.set_memory(self.memory)
+
+    def _attach_state(self, region: memoryview | None) -> None:
+        try:
+            self.device.attach_inflight_state(region)
+        except Exception:
+            self.log.exception("the device failed to take its inflight state")
 
     # -- dirty logging (live migration) --------------------------------------------------------
 
@@ -521,6 +544,8 @@ class Connection:
             close_fds([self._log_fd])
             self._log_fd = None
         if self.vrings.inflight is not None:
+            if self.vrings.inflight.state is not None:
+                self._attach_state(None)
             self.vrings.inflight.close()
             self.vrings.inflight = None
         if self.memory is not None:

@@ -62,6 +62,19 @@ class VhostUserDevice(Protocol):
         make completed writes durable if the device caches them. Errors are logged, not raised."""
         ...
 
+    @property
+    def inflight_state_size(self) -> int:
+        """Bytes the device wants in the inflight area (INFLIGHT_SHMFD) for state of its own
+        that must outlive the process as the area does (QEMU keeps the memfd and gives it to
+        the next backend): a block device's journal of completed, unflushed metadata. 0: none."""
+        ...
+
+    def attach_inflight_state(self, region: memoryview | None) -> None:
+        """The device's part of the inflight area, before any queue runs on it; a backend that
+        died may have left state there to recover. None: the area goes away (detach before
+        then). Errors are logged, not raised."""
+        ...
+
     def release(self) -> None:
         """The front-end stopped every queue while logging dirty pages (VHOST_F_LOG_ALL): the
         device is being migrated away. Give up what the destination's backend needs (a block

@@ -91,6 +91,20 @@ class Disk(Protocol):
         resize uevent) and return it; a disk whose size only it changes returns ``size``."""
         ...
 
+    @property
+    def journal_size(self) -> int:
+        """Bytes of memory that outlives the process (the inflight area) the disk wants for a
+        journal of what a guest saw complete but the image file does not hold yet (qcow2's
+        unflushed metadata); 0 when a completed request is in the file (or the host's page
+        cache) already, as for raw images."""
+        ...
+
+    def attach_journal(self, region: memoryview | None) -> None:
+        """Keep that journal in ``region`` (``journal_size`` bytes or more), replaying first
+        what a backend that died left in it; None detaches it, before the memory goes away.
+        Errors are logged: a journal that cannot be replayed loses its changes."""
+        ...
+
     def close(self) -> None:
         """Flush and release the image (and its lock). Idempotent."""
         ...

@@ -68,6 +68,9 @@ class DiskHandle:
         self._supports_write_zeroes = disk.supports_write_zeroes if read_only is None else writable
         self._rdev = disk.rdev
         self._size = disk.size
+        self.journal_size = disk.journal_size
+        # The journal's memory, given again to every disk the handle opens (it outlives them).
+        self._journal: memoryview | None = None
         self._disk: Disk | None = disk
         self._closed = False
         if not held:
@@ -101,6 +104,8 @@ class DiskHandle:
                 log.info("image size changed while handed over", size=disk.size, was=self._size)
             self._size = disk.size
             self._disk = disk
+            if self._journal is not None:
+                disk.attach_journal(self._journal)
         log.info("image taken over", format=self.format_name, size=self._size)
 
     def release(self) -> None:
@@ -166,9 +171,17 @@ class DiskHandle:
         disk = self._disk
         return self._size if disk is None else disk.refresh_size()
 
+    def attach_journal(self, region: memoryview | None) -> None:
+        with self._lock:
+            self._journal = region
+            disk = self._disk
+            if disk is not None:
+                disk.attach_journal(region)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._journal = None
             disk, self._disk = self._disk, None
         if disk is not None:
             disk.close()

@@ -158,6 +158,12 @@ class RawDisk:
     def block_device(self) -> bool:
         return self._block_device
 
+    journal_size: Final = 0
+    """A completed write is in the file or the page cache: nothing to journal."""
+
+    def attach_journal(self, region: memoryview | None) -> None:
+        del region
+
     @property
     def rdev(self) -> int | None:
         """The block device's number (for ``blkdev.uevents``), None for a file."""

@@ -87,6 +87,11 @@ class EchoDevice:
             self.handled += 1
         return written
 
+    inflight_state_size = 0
+
+    def attach_inflight_state(self, region: memoryview | None) -> None:
+        pass
+
     def release(self) -> None:
         pass
 

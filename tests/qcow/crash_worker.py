@@ -1,17 +1,22 @@
 """Crash-test worker: writes through QcowDisk forever, reporting progress on stdout.
 
-``python -m tests.qcow.crash_worker IMAGE SEED`` prints ``BEGIN i`` before operation i and
-``FLUSHED i`` once a flush after operation i returned. The operations are a pure function of the
-seed (:func:`operations`), so the parent can rebuild what must be on disk after a kill -9.
+``python -m tests.qcow.crash_worker IMAGE SEED [JOURNAL_FD]`` prints ``BEGIN i`` before
+operation i, ``END i`` once it returned and ``FLUSHED i`` once a flush after operation i
+returned. The operations are a pure function of the seed (:func:`operations`), so the parent can
+rebuild what must be on disk after a kill -9. With JOURNAL_FD (a memfd of ``journal.SIZE``
+bytes, inherited) the disk keeps its metadata journal there, replaying first what the previous
+worker left: then every *completed* operation survives the kill, flushed or not.
 """
 
 from __future__ import annotations
 
+import mmap
 import random
 import sys
 from collections.abc import Iterator
 
 from blkdev.disks.qcow import QcowDisk
+from blkdev.disks.qcow import journal as jnl
 from memory import GuestMemory, request_buffers_from_buffers
 
 MEM = 1 << 20
@@ -36,6 +41,9 @@ def operations(seed: int, size: int) -> Iterator[tuple[str, int, int, bytes]]:
 def main() -> None:
     path, seed = sys.argv[1], int(sys.argv[2])
     disk = QcowDisk.open(path, read_only=False)
+    if len(sys.argv) > 3:
+        area = mmap.mmap(int(sys.argv[3]), jnl.SIZE)
+        disk.attach_journal(memoryview(area))
     out = sys.stdout
     with GuestMemory.allocate(MEM) as mem:
         for i, (kind, off, n, data) in enumerate(operations(seed, disk.size)):
@@ -52,6 +60,8 @@ def main() -> None:
                 disk.flush()
                 out.write(f"FLUSHED {i}\n")
                 out.flush()
+            out.write(f"END {i}\n")
+            out.flush()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 
 from memory import GuestMemory
 from tests.support.driver_ring import DriverRing
-from vhost_user.ring.inflight import InflightArea, InflightError, queue_region_size
+from vhost_user.ring.inflight import InflightArea, InflightError, queue_region_size, state_offset
 from vhost_user.ring.split import SplitVirtqueue
 
 SIZE = 8
@@ -158,3 +158,23 @@ def test_a_pipe_is_no_area() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_the_devices_region_follows_the_queues_on_a_page() -> None:
+    area, fd = InflightArea.create(2, SIZE, state_size=10000)
+    try:
+        start = state_offset(2, SIZE)
+        assert start % 4096 == 0 and start >= 2 * queue_region_size(SIZE)
+        assert area.mmap_size == start + 10000 == os.fstat(fd).st_size
+        assert area.state is not None and len(area.state) == 10000 and not any(area.state)
+        area.state[:4] = b"kept"
+        again = InflightArea(fd, area.mmap_size, 0, 2, SIZE, state_size=10000)
+        assert again.state is not None and bytes(again.state[:4]) == b"kept"
+        again.close()
+        # An area made for a device that wanted nothing (another backend's) has no state.
+        small = InflightArea(fd, start, 0, 2, SIZE, state_size=10000)
+        assert small.state is None
+        small.close()
+    finally:
+        area.close()
+        os.close(fd)

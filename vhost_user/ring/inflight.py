@@ -30,6 +30,11 @@ clearing its flag, so the entry of ``last_batch_head`` is cleared and ``used_idx
 then every entry still in flight is resubmitted once, in ``counter`` order, and the next avail
 index is used->idx plus their number (what SET_VRING_BASE cannot know after a crash).
 
+After the queues' regions, on a page boundary, the device may keep state of its own that must
+outlive the process the same way (``VhostUserDevice.inflight_state_size``: a qcow2 disk's
+journal of completed, unflushed metadata, ``blkdev.disks.qcow.journal``). QEMU sizes nothing
+itself: it maps the ``mmap_size`` we answer GET_INFLIGHT_FD with and hands it all back.
+
 An area the front-end hands over is checked like any shared memory: sealed against shrinking
 when it can be, large enough for the queues it claims, mapped whole; contents are not trusted
 (a head past the queue, a version we do not know, are reset rather than followed).
@@ -52,6 +57,7 @@ DESC: Final = struct.Struct("<B5xHQ")
 """inflight, padding, next, counter (16 bytes)."""
 ALIGN: Final = 64
 MAX_AREA: Final = 64 << 20
+PAGE: Final = 4096
 
 
 class InflightError(Exception):
@@ -62,6 +68,11 @@ def queue_region_size(queue_size: int) -> int:
     """Bytes of one queue's region, aligned so that each starts on a cache line."""
     raw = HEADER.size + DESC.size * queue_size
     return (raw + ALIGN - 1) // ALIGN * ALIGN
+
+
+def state_offset(num_queues: int, queue_size: int) -> int:
+    """Where the device's own region starts, after every queue's, on a page boundary."""
+    return (num_queues * queue_region_size(queue_size) + PAGE - 1) // PAGE * PAGE
 
 
 class QueueInflight:
@@ -147,8 +158,17 @@ class InflightArea:
     """The mapped area of every queue: ``num_queues`` regions of ``queue_size`` entries."""
 
     def __init__(
-        self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
+        self,
+        fd: int,
+        mmap_size: int,
+        mmap_offset: int,
+        num_queues: int,
+        queue_size: int,
+        *,
+        state_size: int = 0,
     ) -> None:
+        """``state_size``: the bytes the device wants after the queues' regions (see
+        :attr:`state`); an area too small for them (an older backend's) has no state."""
         if not 1 <= num_queues <= 1024 or not 1 <= queue_size <= 32768:
             raise InflightError(f"{num_queues} queues of {queue_size} entries is not a queue set")
         need = num_queues * queue_region_size(queue_size)
@@ -183,15 +203,25 @@ class InflightArea:
             QueueInflight(self, i * queue_region_size(queue_size), queue_size)
             for i in range(num_queues)
         ]
+        start = state_offset(num_queues, queue_size)
+        #: The device's own region (``VhostUserDevice.attach_inflight_state``), or None.
+        self.state: memoryview | None = None
+        if state_size and start + state_size <= mmap_size:
+            self.state = self.view[start : start + state_size]
 
     @classmethod
-    def create(cls, num_queues: int, queue_size: int) -> tuple[InflightArea, int]:
-        """GET_INFLIGHT_FD: a fresh sealed memfd and its mapping; the caller sends the fd."""
+    def create(
+        cls, num_queues: int, queue_size: int, *, state_size: int = 0
+    ) -> tuple[InflightArea, int]:
+        """GET_INFLIGHT_FD: a fresh sealed memfd and its mapping, with ``state_size`` bytes of
+        zeros for the device after the queues; the caller sends the fd."""
         size = num_queues * queue_region_size(queue_size)
+        if state_size:
+            size = state_offset(num_queues, queue_size) + state_size
         fd = os.memfd_create("vhost-user-blk-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            area = cls(fd, size, 0, num_queues, queue_size)
+            area = cls(fd, size, 0, num_queues, queue_size, state_size=state_size)
         except BaseException:
             os.close(fd)
             raise
@@ -202,5 +232,7 @@ class InflightArea:
     def close(self) -> None:
         for q in self.queues:
             q.release()
+        if self.state is not None:
+            self.state.release()
         self.view.release()
         self._map.close()

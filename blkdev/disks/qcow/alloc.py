@@ -11,6 +11,7 @@ So at any crash point a cluster is either referenced and counted, or counted and
 
 from __future__ import annotations
 
+import builtins
 import errno
 from dataclasses import dataclass
 from typing import Final
@@ -243,6 +244,18 @@ class Refcounts:
         if n == 1 or start == self.hint:
             self.hint = start + n
         return start << self.cluster_bits
+
+    def claim(self, clusters: builtins.set[int]) -> None:
+        """Count every one of ``clusters`` (refcount 1 where it is 0), as allocations made by a
+        process that died before writing them back (``journal``). All are reserved first, so
+        no refcount block created on the way lands on one of them."""
+        self._reserved.update(clusters)
+        try:
+            for c in sorted(clusters):
+                if self.get(c) == 0:
+                    self.set(c, 1)
+        finally:
+            self._reserved.difference_update(clusters)
 
     def decrement(self, offset: int, length: int) -> list[int]:
         """Drop one reference from every cluster of ``[offset, offset+length)``; returns the

@@ -36,6 +36,7 @@ from blkdev.disks.qcow.header import (
     U64,
     QcowHeader,
 )
+from blkdev.disks.qcow.journal import Journal
 from blkdev.errors import ImageCorruptError
 
 #: Clean L2 tables kept in memory.
@@ -110,6 +111,10 @@ class ClusterMap:
         self.file_size = file_size
         """The image file's size when last looked at (open, and each writeback): the L2
         tables and compressed clusters read from the file must lie inside it."""
+        #: Where every L2 entry change is also recorded (``journal``), and what makes room in
+        #: it when it is full (a writeback); set by ``QcowDisk.attach_journal``.
+        self.journal: Journal | None = None
+        self.make_room: Callable[[], None] = lambda: None
 
     # ----------------------------------------------------------------- lookups
 
@@ -284,11 +289,19 @@ class ClusterMap:
     def set_entry(self, guest_cluster: int, entry: int) -> None:
         """Set the L2 entry of ``guest_cluster``, whose table exists (see
         :meth:`make_writable`)."""
+        journal = self.journal
+        if journal is not None and journal.full:
+            self.make_room()  # a writeback: it ends the epoch, the journal starts empty
         table_offset = self._l1[guest_cluster >> self._l2_bits] & L1E_OFFSET_MASK
         table = self.table(table_offset)
-        U64.pack_into(table, (guest_cluster & self._l2_mask) * 8, entry)
+        position = (guest_cluster & self._l2_mask) * 8
+        old = int(U64.unpack_from(table, position)[0])
+        U64.pack_into(table, position, entry)
         self._plain.pop(guest_cluster, None)
         self._dirty_l2.add(table_offset)
+        if journal is not None:
+            # Before the request that made the change completes: the journal's reason to be.
+            journal.mapping(guest_cluster, old, entry)
 
     # ----------------------------------------------------------------- writeback
 

@@ -28,6 +28,7 @@ never changes the image, and one racing the guest's own discard may return old o
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import threading
 from typing import Final, NoReturn
@@ -36,6 +37,7 @@ import structlog
 
 from blkdev.disks.disk import SECTOR_SIZE
 from blkdev.disks.hostfile import ImageFile, lock_image, open_image_file
+from blkdev.disks.qcow import journal as jnl
 from blkdev.disks.qcow.alloc import Refcounts
 from blkdev.disks.qcow.backing import Backing, open_backing, read_backing
 from blkdev.disks.qcow.bitmaps import drop_bitmaps
@@ -111,6 +113,7 @@ class QcowDisk:
         #: Set by :meth:`_open_writable`; None for a read-only image.
         self._refcounts: Refcounts | None = None
         self._writeback: Writeback | None = None
+        self._journal: jnl.Journal | None = None
         self._closed = False
         self._corrupt = False
         self.log = log.bind(image=file.path)
@@ -206,6 +209,9 @@ class QcowDisk:
     @property
     def header(self) -> QcowHeader:
         return self._header
+
+    journal_size: Final = jnl.SIZE
+    """Bytes of memory that outlives us the metadata journal needs (``journal``)."""
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         if self._closed:
@@ -626,10 +632,156 @@ class QcowDisk:
             assert self._writeback is not None
             self._writeback.flush()
 
+    # ----------------------------------------------------------------- the journal
+
+    def attach_journal(self, region: memoryview | None) -> None:
+        """Keep the metadata journal in ``region`` (memory that outlives this process: the
+        inflight area), replaying first what a backend that died left there; None detaches
+        it (before that memory goes away). See ``journal``.
+
+        Replayed changes are written back at once, so the new journal starts empty. A region
+        that holds no journal of this image, or one that does not fit the image, is logged
+        and started afresh: its changes are lost, and the log says how many."""
+        with self._lock:
+            self._detach_journal()
+            writeback = self._writeback
+            if region is None or self._closed or writeback is None or self._corrupt:
+                return
+            st = os.fstat(self._file.fd)
+            identity = {
+                "st_dev": st.st_dev,
+                "st_ino": st.st_ino,
+                "cluster_bits": self._cluster_bits,
+            }
+            changes: list[jnl.Change] = []
+            try:
+                changes = jnl.parse(region, **identity)
+                if changes:
+                    self._replay(writeback, changes)
+                    self.log.warning(
+                        "replayed the journal of a backend that died", changes=len(changes)
+                    )
+            except (jnl.JournalInvalid, ImageCorruptError) as e:
+                self.log.error("journal not replayed: its changes are lost", error=str(e))
+            # May raise DiskIOError (sticky): the region then keeps the journal it held.
+            writeback.write_back()
+            journal = jnl.Journal(region, **identity)
+            self.log.info("metadata journal kept in the inflight area", replayed=len(changes))
+            self._journal = journal
+            writeback.journal = journal
+            self._clusters.journal = journal
+            self._clusters.make_room = writeback.write_back
+
+    def _detach_journal(self) -> None:
+        journal, self._journal = self._journal, None
+        if journal is None:
+            return
+        writeback = self._writeback
+        assert writeback is not None
+        try:
+            # What only the journal made survivable becomes durable before it goes.
+            if not self._corrupt and writeback.error is None:
+                writeback.write_back()
+        except DiskIOError:
+            pass  # logged and sticky: every later flush fails
+        finally:
+            writeback.journal = None
+            self._clusters.journal = None
+            journal.close()
+
+    def _replay(self, writeback: Writeback, changes: list[jnl.Change]) -> None:
+        """Apply the changes of a dead backend's epoch to what the image holds on disk (which
+        may be the epoch's start, or partly its end if that backend died writing back).
+
+        Everything is checked before anything changes (the front-end owns the memory the
+        journal lives in): each cluster's changes chain (one's ``new`` is the next one's
+        ``old``), the image holds either the chain's start or its end, new clusters are data
+        clusters inside the file, counted at most once and claimed by one guest cluster, and
+        nothing released is metadata. A forged journal can then scramble the guest's own data,
+        never the image's metadata or anything outside the image."""
+        refcounts = writeback.refcounts
+        bits = self._cluster_bits
+        guest_clusters = -(-self._header.size // self._cluster_size)
+        file_clusters = -(-self._file.size() // self._cluster_size)
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        owner: dict[int, int] = {}
+        frees: list[jnl.Free] = []
+
+        def span(offset: int, length: int) -> range:
+            return range(offset >> bits, -(-(offset + length) // self._cluster_size))
+
+        def data_cluster(entry: int, what: str) -> int:
+            """The host cluster a plain L2 entry names (0: none); JournalInvalid if it could
+            not be one of this image's data clusters."""
+            if entry & OFLAG_COMPRESSED:
+                raise jnl.JournalInvalid(f"{what} entry {entry:#x} is compressed")
+            host = entry & L2E_OFFSET_MASK
+            if not host:
+                return 0
+            cluster = host >> bits
+            if host & (self._cluster_size - 1) or cluster >= file_clusters:
+                raise jnl.JournalInvalid(f"{what} entry {entry:#x} is not a cluster of the file")
+            if cluster in refcounts.meta:
+                raise jnl.JournalInvalid(f"{what} entry {entry:#x} names metadata")
+            return cluster
+
+        for change in changes:
+            if isinstance(change, jnl.Free):
+                if change.offset + change.length > self._file.size() or any(
+                    c in refcounts.meta for c in span(change.offset, change.length)
+                ):
+                    raise jnl.JournalInvalid(f"free of {change.offset:#x}+{change.length:#x}")
+                frees.append(change)
+                continue
+            g = change.guest_cluster
+            if g >= guest_clusters:
+                raise jnl.JournalInvalid(f"guest cluster {g} is past the disk")
+            if g in last and last[g] != change.old:
+                raise jnl.JournalInvalid(f"guest cluster {g}: changes do not chain")
+            first.setdefault(g, change.old)
+            last[g] = change.new
+            new = data_cluster(change.new, "new")
+            if change.old & OFLAG_COMPRESSED:  # a compressed cluster rewritten: freed after
+                old_span = self._clusters.host_bytes(change.old)
+                assert old_span is not None
+                if any(c in refcounts.meta for c in span(*old_span)):
+                    raise jnl.JournalInvalid(f"old entry {change.old:#x} names metadata")
+                old = 0
+            else:
+                old = data_cluster(change.old, "old")
+            if new and new != old:
+                if owner.setdefault(new, g) != g:
+                    raise jnl.JournalInvalid(f"host cluster {new:#x} claimed twice")
+        for g, start in first.items():
+            if self._clusters.entry(g) not in (start, last[g]):
+                raise jnl.JournalInvalid(f"guest cluster {g}: the image holds neither end")
+        for cluster in owner:
+            if refcounts.get(cluster) > 1:
+                raise jnl.JournalInvalid(f"host cluster {cluster:#x} is shared")
+
+        # Checked: apply. Counted first, so that no L2 table allocated below lands on one.
+        refcounts.claim(set(owner))
+        for g, entry in last.items():
+            if self._clusters.entry(g) != entry:
+                self._clusters.make_writable(refcounts, g)
+                self._clusters.set_entry(g, entry)
+        for change in changes:
+            if isinstance(change, jnl.Mapping):
+                old_host = self._clusters.host_bytes(change.old)
+                new_host = self._clusters.host_bytes(change.new)
+                if old_host is not None and (new_host is None or old_host[0] != new_host[0]):
+                    writeback.release(change.old)
+            elif all(refcounts.get(c) for c in span(change.offset, change.length)):
+                writeback.free_later(change.offset, change.length)  # else it was applied
+
+    # ----------------------------------------------------------------- close
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
+            self._detach_journal()
             writeback = self._writeback
             try:
                 if writeback is not None and not self._corrupt and writeback.error is None:

@@ -50,6 +50,7 @@ from blkdev.disks.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Ima
 from blkdev.disks.qcow.alloc import PendingFree, Refcounts
 from blkdev.disks.qcow.clustermap import ClusterMap
 from blkdev.disks.qcow.header import OFF_REFCOUNT_TABLE_OFFSET
+from blkdev.disks.qcow.journal import Journal
 from blkdev.errors import DiskIOError
 
 #: Dirty metadata beyond this many bytes is written back without waiting for a guest flush.
@@ -106,6 +107,8 @@ class Writeback:
         self._can_punch = True
         self.error: DiskIOError | None = None
         """Set by a failed writeback; every later flush (and write) fails with it."""
+        self.journal: Journal | None = None
+        """The metadata journal (``journal``), checkpointed once what it holds is durable."""
 
     def data_written(self) -> None:
         """Data went to the file: the next writeback syncs it (step 1). Call it once the
@@ -177,6 +180,10 @@ class Writeback:
         if clusters.write_l1_entries():
             file.sync()
         clusters.file_size = max(clusters.file_size, file.size())
+        # Every change of the journal's epoch is durable now: a new epoch starts, holding the
+        # frees (their dropped references are durable, the decrements below are not yet). Not
+        # before: a backend that dies before this point replays the epoch instead.
+        self._checkpoint()
         # 5. Frees whose dropped references are now durable, unless an I/O that started
         # before the free could still be using the cluster.
         oldest = self._inflight.oldest()
@@ -189,8 +196,18 @@ class Writeback:
             freed += refcounts.decrement(pending.offset, pending.length)
         if refcounts.write_blocks():
             file.sync()
+        self._checkpoint()  # the decrements are durable: the journal forgets those frees
         # 6. Host storage of the clusters that became free.
         self._punch(sorted(freed))
+
+    def _checkpoint(self) -> None:
+        if self.journal is None:
+            return
+        left_out = self.journal.checkpoint([(p.offset, p.length) for p in self._pending_free])
+        if left_out:
+            self.log.warning(
+                "journal full of frees: these leak if the backend dies first", frees=left_out
+            )
 
     def _punch(self, clusters: list[int]) -> None:
         """Give the host storage of free clusters back (advisory, like QEMU's discard
