@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import structlog
@@ -31,6 +32,7 @@ from blkdev.disks.handle import DiskHandle
 from blkdev.errors import BlkdevError
 from blkdev.stats import DeviceStats, RequestType, request_type
 from memory import AccessError, GuestMemory, GuestMemoryError, request_buffers_from_buffers
+from vhost_user.device import Completion
 from vhost_user.ring.chain import DescriptorChain
 from vhost_user.ring.features import (
     VIRTIO_F_VERSION_1,
@@ -46,9 +48,15 @@ MAX_DISCARD_SEGMENTS: Final = 256
 #: ``virtio_blk.decode_segments``): INT_MAX bytes rounded down to sectors, as QEMU.
 MAX_DWZ_SECTORS: Final = (2**31 - 1) // vb.SECTOR_SIZE
 SIZE_MAX: Final = 1 << 20
+IO_THREADS: Final = 4
+"""Default I/O threads per queue: how many of a queue's requests wait for storage at once."""
 
 # What a request may fail with, all local or guest-memory problems: answered with IOERR.
 _IO_FAILURES: Final = (BlkdevError, OSError, AccessError, GuestMemoryError)
+
+
+class _MustWait(Exception):
+    """Serving the request inline would wait for storage: hand it to an I/O thread."""
 
 
 class BlkDevice:
@@ -69,6 +77,7 @@ class BlkDevice:
         read_only: bool = False,
         queue_size: int = 1024,
         seg_max: int | None = None,
+        io_threads: int = IO_THREADS,
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be 1..65535, not {num_queues}")
@@ -78,6 +87,8 @@ class BlkDevice:
             seg_max = min(queue_size, 128) - 2
         if not 1 <= seg_max <= queue_size - 2:
             raise ValueError(f"seg_max must be 1..queue_size-2, not {seg_max}")
+        if not 0 <= io_threads <= 1024:
+            raise ValueError(f"io_threads must be 0..1024, not {io_threads}")
         self._disk = disk
         self._num_queues = num_queues
         self._queue_size = queue_size
@@ -116,6 +127,11 @@ class BlkDevice:
         self._writeback = True
         #: Per-queue request statistics (``blkdev.stats``), for the control socket and metrics.
         self.stats = DeviceStats(num_queues)
+        self._io_threads = io_threads
+        # Per queue, created on its first request that must wait: a queue's slow requests
+        # then never hold up another queue's.
+        self._pools: list[ThreadPoolExecutor | None] = [None] * num_queues
+        self._pools_lock = threading.Lock()
 
     # -- VhostUserDevice -------------------------------------------------------------------
 
@@ -208,8 +224,58 @@ class BlkDevice:
     def quiesce(self) -> None:
         self._flush_logged("quiesce")
 
+    def submit_chain(
+        self, queue_index: int, memory: GuestMemory, chain: DescriptorChain, complete: Completion
+    ) -> None:
+        """Serve the request on the queue's thread if it needs no wait for storage (a read
+        the page cache holds, a buffered write, GET_ID, anything refused), else on one of the
+        queue's I/O threads; completions come back in whatever order they finish.
+
+        FLUSH needs nothing more: it runs when every write completed before it was submitted
+        has returned from the kernel, so its fdatasync covers them (virtio 5.2.6: a flush
+        covers the writes *completed* before it, not those still in flight)."""
+        if self._io_threads == 0:
+            complete(self.handle_chain(queue_index, memory, chain))
+            return
+        if self._disk.cached_io:
+            length = self._handle(queue_index, memory, chain, inline=True)
+            if length is not None:
+                complete(length)
+                return
+        self._pool(queue_index).submit(self._run, queue_index, memory, chain, complete)
+
+    def _run(
+        self, queue_index: int, memory: GuestMemory, chain: DescriptorChain, complete: Completion
+    ) -> None:
+        try:
+            length = self.handle_chain(queue_index, memory, chain)
+        except Exception:
+            log.exception("device failed a request", queue=queue_index, head=chain.head)
+            length = -1
+        complete(length)
+
+    def _pool(self, queue_index: int) -> ThreadPoolExecutor:
+        pool = self._pools[queue_index]
+        if pool is None:
+            with self._pools_lock:
+                pool = self._pools[queue_index]
+                if pool is None:
+                    pool = ThreadPoolExecutor(
+                        self._io_threads, thread_name_prefix=f"vhost-user-blk-q{queue_index}-io"
+                    )
+                    self._pools[queue_index] = pool
+        return pool
+
     def handle_chain(self, queue_index: int, memory: GuestMemory, chain: DescriptorChain) -> int:
-        # Recorded without a lock: only this queue's worker writes its counters (blkdev.stats).
+        length = self._handle(queue_index, memory, chain, inline=False)
+        assert length is not None
+        return length
+
+    def _handle(
+        self, queue_index: int, memory: GuestMemory, chain: DescriptorChain, *, inline: bool
+    ) -> int | None:
+        """Serve one request; with ``inline``, None (and nothing done that matters) when it
+        would have to wait for storage."""
         stats = self.stats.queues[queue_index]
         started = stats.begin()
         kind, status, data_bytes = RequestType.INVALID, vb.VIRTIO_BLK_S_IOERR, 0
@@ -232,12 +298,18 @@ class BlkDevice:
             if layout.status is None:
                 log.debug("chain has no status byte", queue=queue_index, head=chain.head)
                 return 0
-            kind, status, written, data_bytes = self._serve(memory, layout)
+            try:
+                kind, status, written, data_bytes = self._serve(memory, layout, inline)
+            except _MustWait:
+                stats.cancel()
+                started = 0
+                return None
             if not self._write_status(memory, layout.status, status):
                 return 0
             return written + 1
         finally:
-            stats.end(started, kind, status, data_bytes)
+            if started:
+                stats.end(started, kind, status, data_bytes)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -317,10 +389,11 @@ class BlkDevice:
         request_buffers_from_buffers(memory, list(segments), True).writer().write(data)
 
     def _serve(
-        self, memory: GuestMemory, layout: vb.ChainLayout
+        self, memory: GuestMemory, layout: vb.ChainLayout, inline: bool = False
     ) -> tuple[RequestType, int, int, int]:
         """Execute one request: (its type, status, bytes written to guest memory, data bytes
-        moved between disk and guest for the statistics)."""
+        moved between disk and guest for the statistics). With ``inline``, _MustWait where
+        that would wait for storage (before anything that cannot be done again)."""
         limits = self._limits
         kind = RequestType.INVALID
         try:
@@ -334,14 +407,22 @@ class BlkDevice:
             if isinstance(plan, vb.Read):
                 if plan.length:
                     buffers = request_buffers_from_buffers(memory, list(plan.segments), True)
-                    self._disk.read(plan.offset, buffers)
+                    if not inline:
+                        self._disk.read(plan.offset, buffers)
+                    elif not self._disk.read_cached(plan.offset, buffers):
+                        raise _MustWait
                 return kind, vb.VIRTIO_BLK_S_OK, plan.length, plan.length
             if isinstance(plan, vb.Write):
                 if plan.length:
                     buffers = request_buffers_from_buffers(memory, list(plan.segments), False)
-                    self._disk.write(plan.offset, buffers)
+                    if not inline:
+                        self._disk.write(plan.offset, buffers)
+                    elif not self._writeback or not self._disk.write_cached(plan.offset, buffers):
+                        raise _MustWait  # write-through flushes after each write: it waits
                     self._after_write()
                 return kind, vb.VIRTIO_BLK_S_OK, 0, plan.length
+            if inline and not isinstance(plan, vb.GetId):
+                raise _MustWait  # FLUSH, DISCARD, WRITE_ZEROES wait for storage
             if isinstance(plan, vb.Flush):
                 if not self._read_only:
                     self._disk.flush()

@@ -12,24 +12,21 @@ Counted as bytes read and written: the data of successful READ (VIRTIO_BLK_T_IN)
 none. A chain without a readable request header (a ring fault, no status byte, a header
 shorter than 16 bytes) has no type: it counts as ``invalid``, with an IOERR.
 
-Threads. Recording takes no lock: each :class:`QueueStats` has a single writer, the thread
-serving that queue. The vhost-user device contract (``vhost_user.device``) calls
-``handle_chain(queue_index, ...)`` from queue ``queue_index``'s worker only, and a connection
-joins a queue's worker before it starts the next one for the same queue (a worker it abandons
-has already returned every chain it popped, so it records nothing more). With one writer,
-``counter += 1`` loses no update even though it is a read-modify-write. Readers (the control
-and metrics threads) read racily, which is safe in CPython because each attribute load and
-store and each list item load and store is atomic (under the GIL; per object in free-threaded
-builds): a reader sees every counter at a value it really had, and monotonic counters never go
-backwards. What a reader may see is a snapshot taken over a few microseconds, one counter a
-request ahead of another; nothing here needs more (the histogram's count is derived from its
-buckets, copied in one step, so it always equals their sum).
+Threads. Writers take the queue's lock: a queue's requests are recorded by its worker and by
+its I/O threads (``BlkDevice.submit_chain``), so ``counter += 1``, a read-modify-write, needs
+it. Readers (the control and metrics threads) read racily, which is safe in CPython because
+each attribute load and store and each list item load and store is atomic (under the GIL; per
+object in free-threaded builds): a reader sees every counter at a value it really had, and
+monotonic counters never go backwards. What a reader may see is a snapshot taken over a few
+microseconds, one counter a request ahead of another; nothing here needs more (the histogram's
+count is derived from its buckets, copied in one step, so it always equals their sum).
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
+import threading
 import time
 from dataclasses import dataclass
 from typing import Final
@@ -84,11 +81,11 @@ LATENCY_BOUNDS_NS: Final = (
 
 
 class QueueStats:
-    """The counters of one queue. Written by that queue's worker only (see the module
-    docstring), through :meth:`begin` and :meth:`end`; read by anyone through
-    :meth:`snapshot`."""
+    """The counters of one queue. Written under its lock (see the module docstring),
+    through :meth:`begin` and :meth:`end`; read by anyone through :meth:`snapshot`."""
 
     __slots__ = (
+        "_lock",
         "bytes_read",
         "bytes_written",
         "in_flight",
@@ -100,6 +97,7 @@ class QueueStats:
     )
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.requests = [0] * len(RequestType)
         self.bytes_read = 0
         self.bytes_written = 0
@@ -111,26 +109,34 @@ class QueueStats:
 
     def begin(self) -> int:
         """A request starts; returns its start time for :meth:`end`."""
-        self.in_flight += 1
+        with self._lock:
+            self.in_flight += 1
         return time.perf_counter_ns()
+
+    def cancel(self) -> None:
+        """The request begun is not served here after all (it moves to an I/O thread)."""
+        with self._lock:
+            self.in_flight -= 1
 
     def end(self, started: int, kind: RequestType, status: int, data_bytes: int) -> None:
         """The request begun at ``started`` finished with virtio-blk ``status``;
         ``data_bytes`` is what it moved between disk and guest (READ and WRITE only)."""
         elapsed = time.perf_counter_ns() - started
-        self.requests[kind] += 1
-        if status == vb.VIRTIO_BLK_S_OK:
-            if kind == RequestType.READ:
-                self.bytes_read += data_bytes
-            elif kind == RequestType.WRITE:
-                self.bytes_written += data_bytes
-        elif status == vb.VIRTIO_BLK_S_UNSUPP:
-            self.unsupported_errors += 1
-        else:
-            self.io_errors += 1
-        self.latency_buckets[bisect.bisect_left(LATENCY_BOUNDS_NS, elapsed)] += 1
-        self.latency_sum_ns += elapsed
-        self.in_flight -= 1
+        bucket = bisect.bisect_left(LATENCY_BOUNDS_NS, elapsed)
+        with self._lock:
+            self.requests[kind] += 1
+            if status == vb.VIRTIO_BLK_S_OK:
+                if kind == RequestType.READ:
+                    self.bytes_read += data_bytes
+                elif kind == RequestType.WRITE:
+                    self.bytes_written += data_bytes
+            elif status == vb.VIRTIO_BLK_S_UNSUPP:
+                self.unsupported_errors += 1
+            else:
+                self.io_errors += 1
+            self.latency_buckets[bucket] += 1
+            self.latency_sum_ns += elapsed
+            self.in_flight -= 1
 
     def snapshot(self) -> QueueSnapshot:
         return QueueSnapshot(

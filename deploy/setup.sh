@@ -67,6 +67,11 @@ else
     log "python environment up to date"
 fi
 
+# The C parts (cffi, API mode), compiled in place with -Wall -Wextra -Werror; always rebuilt
+# (a second or two), so a checkout never runs a stale one.
+log "native (cffi)"
+.venv/bin/python -m vhost_user.native.build
+
 log "guest"
 .venv/bin/python -m deploy.guest build
 log "done"

@@ -16,10 +16,15 @@ protocol. It is deliberately small:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from memory import GuestMemory
 from vhost_user.ring.chain import DescriptorChain
+
+Completion = Callable[[int], None]
+"""Called once per submitted chain, from any thread, with its used length; a negative length
+means the device failed (a bug or a local fault, logged): the worker breaks the queue."""
 
 
 class VhostUserDevice(Protocol):
@@ -57,6 +62,15 @@ class VhostUserDevice(Protocol):
         """Serve one request; return the used length. Never raises for guest faults."""
         ...
 
+    def submit_chain(
+        self, queue_index: int, memory: GuestMemory, chain: DescriptorChain, complete: Completion
+    ) -> None:
+        """Start serving one request and return; ``complete`` is called exactly once when it
+        is done, maybe before this returns, maybe from another thread, and requests may
+        complete in any order (virtio 2.7.8: the used ring need not follow the avail ring).
+        :class:`InlineSubmit` serves it with :meth:`handle_chain` on the spot."""
+        ...
+
     def quiesce(self) -> None:
         """All queues are stopped (GET_VRING_BASE on every queue, disconnect, or shutdown):
         make completed writes durable if the device caches them. Errors are logged, not raised."""
@@ -87,3 +101,16 @@ class VhostUserDevice(Protocol):
         release gave up; a no-op when held. Raising fails that queue's start (it stays
         stopped, and the error is logged)."""
         ...
+
+
+class InlineSubmit:
+    """``submit_chain`` as ``handle_chain`` on the caller's thread: a device with nothing to
+    wait for (or a test) needs no more."""
+
+    def handle_chain(self, queue_index: int, memory: GuestMemory, chain: DescriptorChain) -> int:
+        raise NotImplementedError
+
+    def submit_chain(
+        self, queue_index: int, memory: GuestMemory, chain: DescriptorChain, complete: Completion
+    ) -> None:
+        complete(self.handle_chain(queue_index, memory, chain))

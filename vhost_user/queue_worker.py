@@ -1,6 +1,12 @@
-"""One thread per started virtqueue: wait for kicks, serve chains, signal the call eventfd.
+"""One thread per started virtqueue: wait for kicks, submit chains, reap completions, signal.
 
-A thread per queue keeps one slow request (a flush, a large read) from stalling the others.
+The worker pops every chain the driver made available and submits each to the device
+(``VhostUserDevice.submit_chain``), which may complete it at once or later from another thread;
+completions are returned to the used ring in the order they finish (virtio 2.7.8 allows any),
+so one slow request (a flush, a read that misses the cache) never holds back the requests
+behind it, and a disk sees the guest's queue depth. A thread per queue keeps the queues apart.
+Completions from other threads reach the worker through a deque and an eventfd of its own; the
+worker alone touches the ring.
 The worker owns nothing it did not create: the kick fd, the call fd and the queue belong to the
 connection, which stops the worker (:meth:`QueueWorker.stop`, which waits for the request in
 progress to finish and be returned to the used ring) before closing or replacing any of them.
@@ -16,6 +22,7 @@ counter itself, which lets the write finish: a front-end cannot wedge the connec
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import threading
@@ -25,7 +32,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from vhost_user import eventfd
-from vhost_user.device import VhostUserDevice
+from vhost_user.device import Completion, VhostUserDevice
 from vhost_user.errors import GuestFault
 
 if TYPE_CHECKING:
@@ -82,6 +89,15 @@ class QueueWorker:
         self._stopping = threading.Event()
         # Ours alone (the front-end never sees it): wakes the thread to stop or to notify.
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Completions: (head, used length) appended by whichever thread finished the request,
+        # then _done_fd written (unless it is the worker itself, which reaps before it waits).
+        self._done: collections.deque[tuple[int, int]] = collections.deque()
+        self._done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Held to append-and-signal, and to close _done_fd: a completion never writes to the
+        # fd number after it was closed (and maybe reused for something else).
+        self._done_lock = threading.Lock()
+        self._outstanding = 0
+        """Chains submitted and not yet reaped (worker thread only)."""
         self.broken = False
         self.abandoned = False
         self.log = (logger if logger is not None else log).bind(queue=index)
@@ -93,7 +109,8 @@ class QueueWorker:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the request in progress; returns once the thread has finished.
+        """Stop popping, wait for every submitted request to complete; returns once the
+        thread has finished.
 
         Every chain the worker popped is back in the used ring (and the driver notified if it
         asked) when this returns, so ``queue.next_avail_idx`` is the exact resume point.
@@ -121,10 +138,13 @@ class QueueWorker:
                     # (it notifies only after pushing), and once its write returns it sees
                     # _stopping and ends without touching the ring or any fd again.
                     self.log.error("abandoning a queue worker the front-end keeps blocked")
+                    # Requests still on I/O threads are lost to the ring (they complete into a
+                    # worker that is gone): only a front-end that jams its call fd gets that.
                     self.abandoned = True
                     break
         os.close(self._wake_fd)
         self._wake_fd = -1
+        # _done_fd is the thread's to close, when it ends (an abandoned one: once unstuck).
 
     def set_call_fd(self, call_fd: int | None) -> int | None:
         """Swap the call eventfd; returns the previous one (the caller closes it).
@@ -175,16 +195,18 @@ class QueueWorker:
             # requests whose kick was consumed earlier, or notifications left suppressed by
             # the previous worker so that the driver will not kick: one pass re-arms them.
             self._serve()
-            if self._stopping.is_set():
-                return
             poller = select.poll()
             poller.register(self.kick_fd, select.POLLIN)
             poller.register(self._wake_fd, select.POLLIN)
+            poller.register(self._done_fd, select.POLLIN)
             idle_kicks = 0
             while not self._stopping.is_set() and not self.broken:
                 events = dict(poller.poll())
                 if self._stopping.is_set():
                     break
+                if self._done_fd in events:
+                    eventfd.drain(self._done_fd)
+                    self._serve()
                 if self._wake_fd in events:
                     eventfd.drain(self._wake_fd)
                     if self._notify_requested:
@@ -211,21 +233,74 @@ class QueueWorker:
             # A bug of ours, not the guest's: keep the process and the other queues alive.
             self.log.exception("queue worker crashed")
             self.broken = True
+        try:
+            if not self.abandoned:  # else another worker may own the ring by now
+                self._drain_outstanding()
+        except Exception:
+            self.log.exception("queue worker crashed returning requests")
+            self.broken = True
+        finally:
+            with self._done_lock:
+                os.close(self._done_fd)
+                self._done_fd = -1
         self.log.debug("queue worker stopped", broken=self.broken)
+
+    def _drain_outstanding(self) -> None:
+        """Stopping (or broken): wait for every submitted request, returning each to the used
+        ring, so that the ring stops with nothing popped and unreturned. A broken queue still
+        returns what completes (the guest gets its answers; the front-end resets it after)."""
+        poller = select.poll()
+        poller.register(self._done_fd, select.POLLIN)
+        while self._outstanding:
+            if self._reap():
+                self._notify()
+                continue
+            poller.poll(_UNJAM_INTERVAL * 1000)
+            eventfd.drain(self._done_fd)
 
     def _break(self, reason: str, **kw: object) -> None:
         self.log.error("queue broken: stopped until the front-end resets it", reason=reason, **kw)
         self.broken = True
 
-    def _serve(self) -> int:
-        """Drain the available ring, with the suppress/re-check dance of virtio 2.7.10;
-        returns how many chains were served."""
+    def _completion(self, head: int) -> Completion:
+        worker = threading.get_ident()
+
+        def complete(length: int) -> None:
+            with self._done_lock:
+                self._done.append((head, length))
+                if threading.get_ident() != worker and self._done_fd >= 0:
+                    os.eventfd_write(self._done_fd, 1)  # never blocks: we drain it each wake
+
+        return complete
+
+    def _reap(self) -> int:
+        """Return completed requests to the used ring, in the order they completed."""
         queue = self.queue
-        served = 0
+        reaped = 0
+        done = self._done
+        while done:
+            head, length = done.popleft()
+            self._outstanding -= 1
+            if length < 0:
+                self._break("device failed a request", head=head)
+                continue
+            queue.push_used(head, length)
+            reaped += 1
+            if reaped % NOTIFY_EVERY == 0:
+                self._notify()
+                if self.abandoned:  # the write blocked until stop() gave up on us
+                    break
+        return reaped
+
+    def _serve(self) -> int:
+        """Reap what completed, submit everything available, with the suppress/re-check
+        dance of virtio 2.7.10; returns how many chains were submitted or reaped."""
+        queue = self.queue
+        worked = 0
         while not self._stopping.is_set() and not self.broken:
             queue.disable_notifications()
-            pending = 0
-            while not self._stopping.is_set():
+            progress = self._reap()
+            while not self._stopping.is_set() and not self.broken:
                 try:
                     chain = queue.pop()
                 except GuestFault as exc:
@@ -233,27 +308,32 @@ class QueueWorker:
                     break
                 if chain is None:
                     break
+                self._outstanding += 1
+                progress += 1
                 try:
-                    length = self.device.handle_chain(self.index, self.memory, chain)
+                    self.device.submit_chain(
+                        self.index, self.memory, chain, self._completion(chain.head)
+                    )
                 except Exception:
                     self.log.exception("device failed a request", head=chain.head)
+                    self._outstanding -= 1
                     self._break("device raised")
                     break
-                queue.push_used(chain.head, length)
-                pending += 1
-                served += 1
-                if pending >= NOTIFY_EVERY:
-                    self._notify()
-                    pending = 0
-            if pending:
+                if len(self._done) >= NOTIFY_EVERY:
+                    progress += self._reap()  # inline completions: let the guest start on them
+            progress += self._reap()
+            if progress:
                 self._notify()
+            worked += progress
             if self._stopping.is_set() or self.broken:
-                return served
+                return worked
+            if progress:
+                continue
             # Re-enabling notifications races with the driver adding buffers: if it added any
             # after our last pop, it may not kick (it saw notifications off), so look again.
             if not queue.enable_notifications():
-                return served
-        return served
+                return worked
+        return worked
 
     def _notify(self) -> None:
         if self.queue.should_notify():

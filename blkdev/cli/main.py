@@ -12,12 +12,12 @@ import argparse
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from blkdev.cli import ctl, image, serve
+from blkdev.cli import bench, ctl, image, serve
 from blkdev.cli.common import PROG, OneLineParser, UsageError, fail
 from blkdev.cli.logging_setup import configure_logging
 from blkdev.errors import BlkdevError
 
-COMMANDS: dict[str, ModuleType] = {"serve": serve, "image": image, "ctl": ctl}
+COMMANDS: dict[str, ModuleType] = {"serve": serve, "image": image, "ctl": ctl, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from blkdev.cli.common import UsageError, add_logging_options
+from blkdev.device import IO_THREADS
 from blkdev.disks.disk import Disk
 
 MAX_NUM_QUEUES = 64
@@ -36,6 +37,16 @@ def _queue_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1 or value > 32768 or value & (value - 1):
         raise argparse.ArgumentTypeError(f"must be a power of two up to 32768, not {value}")
+    return value
+
+
+def _io_threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be 0..1024, not {value}")
     return value
 
 
@@ -89,6 +100,15 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--num-queues", type=_num_queues, default=1, help="virtqueues (default 1)")
     serve.add_argument(
         "--queue-size", type=_queue_size, default=1024, help="largest virtqueue size (default 1024)"
+    )
+    serve.add_argument(
+        "--io-threads",
+        type=_io_threads,
+        default=IO_THREADS,
+        help=(
+            f"I/O threads per queue for requests that wait for storage (default {IO_THREADS}; "
+            "0 serves each queue's requests one at a time on its own thread)"
+        ),
     )
     serve.add_argument("--serial", default="", help="serial number the guest sees (<= 20 bytes)")
     serve.add_argument(
@@ -218,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
                 serial=args.serial,
                 read_only=args.read_only,
                 queue_size=args.queue_size,
+                io_threads=args.io_threads,
             )
             if activated is not None:
                 listener, path = activated

@@ -63,6 +63,23 @@ class Disk(Protocol):
         """Write ``len(buffers)`` bytes from guest memory at ``offset``."""
         ...
 
+    @property
+    def cached_io(self) -> bool:
+        """Whether :meth:`read_cached` and :meth:`write_cached` can ever succeed (a buffered
+        raw image: yes; O_DIRECT or qcow2: no, so the device does not try)."""
+        ...
+
+    def read_cached(self, offset: int, buffers: IoBuffers) -> bool:
+        """:meth:`read`, if it can be done without waiting for storage (a page-cache hit):
+        the device then serves it on the queue's own thread, saving a hand-off to an I/O
+        thread. False when it cannot (nothing is promised about ``buffers``; the device
+        calls :meth:`read` from an I/O thread)."""
+        ...
+
+    def write_cached(self, offset: int, buffers: IoBuffers) -> bool:
+        """:meth:`write`, likewise, if it needs no wait for storage; False otherwise."""
+        ...
+
     def flush(self) -> None:
         """Make every completed write durable (fdatasync, qcow2 metadata included)."""
         ...

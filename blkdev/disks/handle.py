@@ -153,6 +153,17 @@ class DiskHandle:
     def write(self, offset: int, buffers: IoBuffers) -> None:
         self._current().write(offset, buffers)
 
+    @property
+    def cached_io(self) -> bool:
+        disk = self._disk
+        return disk is not None and disk.cached_io
+
+    def read_cached(self, offset: int, buffers: IoBuffers) -> bool:
+        return self._current().read_cached(offset, buffers)
+
+    def write_cached(self, offset: int, buffers: IoBuffers) -> bool:
+        return self._current().write_cached(offset, buffers)
+
     def flush(self) -> None:
         disk = self._disk
         if disk is not None:  # released: closing flushed it, nothing is written since

@@ -26,6 +26,8 @@ from blkdev.disks.hostfile import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    IOV_MAX,
+    advance,
     blk_discard,
     blk_zeroout,
     block_device_size,
@@ -80,6 +82,7 @@ class RawDisk:
         # sectors of that block could be lost, so such disks serialise their writes.
         self._write_lock = threading.Lock() if direct and align > SECTOR_SIZE else None
         self._flush_error: DiskIOError | None = None
+        self._nowait = True
         self._can_punch = True
         self._can_zero_range = True
         self.log = log.bind(image=path)
@@ -240,6 +243,45 @@ class RawDisk:
             return
         with buffers.lock(True) as locked:
             self._preadv_all(list(locked.io_vecs()), offset)
+
+    @property
+    def cached_io(self) -> bool:
+        return not self._direct
+
+    def read_cached(self, offset: int, buffers: IoBuffers) -> bool:
+        """Read from the page cache if every byte is there (``RWF_NOWAIT``: the kernel
+        refuses rather than wait for storage); False when it is not (then nothing is
+        promised about ``buffers``: call :meth:`read`)."""
+        n = len(buffers)
+        self._check(offset, n, write=False)
+        if self._direct or not self._nowait or n == 0:
+            return False
+        with buffers.lock(True) as locked:
+            pending = [v for v in locked.io_vecs() if len(v)]
+            while pending:
+                try:
+                    got = os.preadv(self._fd, pending[:IOV_MAX], offset, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    return False
+                except OSError as e:
+                    if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        self._nowait = False  # this file system cannot tell: always wait
+                        return False
+                    raise DiskIOError(f"read of {self._path} failed: {e.strerror}", e.errno) from e
+                if got == 0:
+                    return False  # the file shrank: read() says so
+                offset += got
+                pending = advance(pending, got)
+        return True
+
+    def write_cached(self, offset: int, buffers: IoBuffers) -> bool:
+        """Write into the page cache (buffered images only; False otherwise: call
+        :meth:`write`). A buffered write waits for storage only when the kernel throttles
+        dirty pages, which holds back every writer of the host alike."""
+        if self._direct or self._probed or self._write_lock is not None:
+            return False
+        self.write(offset, buffers)
+        return True
 
     def write(self, offset: int, buffers: IoBuffers) -> None:
         n = len(buffers)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 from memory import GuestMemory
+from vhost_user.device import Completion, InlineSubmit
 from vhost_user.ring.chain import DescriptorChain
 
 VIRTIO_F_VERSION_1 = 1 << 32
@@ -15,7 +16,7 @@ BOOM = b"BOOM!"
 """A request starting with these bytes makes handle_chain raise."""
 
 
-class EchoDevice:
+class EchoDevice(InlineSubmit):
     def __init__(
         self,
         *,
@@ -36,6 +37,13 @@ class EchoDevice:
         self.entered = threading.Semaphore(0)
         self.threads: set[str] = set()
         self._lock = threading.Lock()
+        #: With ``defer``, submit_chain keeps each request here until the test completes it
+        #: (:meth:`complete`), in whatever order the test picks.
+        self.defer = False
+        self.deferred: list[tuple[int, GuestMemory, DescriptorChain, Completion]] = []
+        #: Requests whose readable bytes start with this are deferred (and never completed
+        #: unless the test does), whatever ``defer`` says.
+        self.hold: bytes | None = None
 
     @property
     def num_queues(self) -> int:
@@ -60,6 +68,30 @@ class EchoDevice:
         if offset + len(data) > len(self.config):
             raise ValueError("config write out of range")
         self.config[offset : offset + len(data)] = data
+
+    def submit_chain(
+        self, queue_index: int, memory: GuestMemory, chain: DescriptorChain, complete: Completion
+    ) -> None:
+        held = False
+        if self.hold is not None and chain.fault is None:
+            first = next((d for d in chain.descriptors if not d.device_writable), None)
+            held = first is not None and memory.read_at(first.gpa, len(self.hold)) == self.hold
+        if not self.defer and not held:
+            super().submit_chain(queue_index, memory, chain, complete)
+            return
+        with self._lock:
+            self.deferred.append((queue_index, memory, chain, complete))
+
+    def complete(self, head: int) -> None:
+        """Serve the deferred request of ``head`` now, on a thread of its own (as an I/O
+        thread would), and wait for it."""
+        with self._lock:
+            (entry,) = [d for d in self.deferred if d[2].head == head]
+            self.deferred.remove(entry)
+        q, memory, chain, done = entry
+        thread = threading.Thread(target=lambda: done(self.handle_chain(q, memory, chain)))
+        thread.start()
+        thread.join(5)
 
     def handle_chain(self, queue_index: int, memory: GuestMemory, chain: DescriptorChain) -> int:
         self.entered.release()

@@ -908,7 +908,8 @@ def _lay_out(s: BlkSession, sc: Scenario, base: int) -> list[int]:
 @given(sc=scenarios())
 def test_random_rings_through_the_real_process(server: ServeProcess, sc: Scenario) -> None:
     """Random chains, mostly plausible, some mutated, through the real process. Whatever the
-    walker and the device make of them: every head comes back in order, no used length exceeds
+    walker and the device make of them: every head comes back once (in any order: requests
+    that wait for storage complete after those that do not), no used length exceeds
     what the chain offered, the queue keeps serving, the image never changes."""
     server.ensure_running()
     q = sc.q
@@ -927,7 +928,7 @@ def test_random_rings_through_the_real_process(server: ServeProcess, sc: Scenari
         ring.publish()
         s.kick(q)
         used = s.wait_used(q, len(heads))
-        assert [h for h, _ in used] == heads
+        assert sorted(h for h, _ in used) == sorted(heads)
         assert all(n <= offered for _, n in used)
         event(f"{sum(1 for _, n in used if n)} of {len(used)} chains served")
         still_serves(s, server, q)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,18 @@ class CountingBlk(BlkDevice):
         self.served = 0
         self.quiesced = 0
 
-    def handle_chain(self, queue_index: int, memory: GuestMemory, chain: DescriptorChain) -> int:
-        length = super().handle_chain(queue_index, memory, chain)
-        self.served += 1
-        return length
+    def submit_chain(
+        self,
+        queue_index: int,
+        memory: GuestMemory,
+        chain: DescriptorChain,
+        complete: Callable[[int], None],
+    ) -> None:
+        def counted(length: int) -> None:
+            self.served += 1
+            complete(length)
+
+        super().submit_chain(queue_index, memory, chain, counted)
 
     def release(self) -> None:
         pass

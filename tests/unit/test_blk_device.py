@@ -6,8 +6,10 @@ import os
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -425,3 +427,99 @@ def test_valid_header_with_garbage_buffers(
     used = device.handle_chain(0, mem, chain)
     assert 0 <= used <= sum(d.length for d in data if d.device_writable)
     assert path.stat().st_size == 64 * 1024
+
+
+# -- submit and complete (the asynchronous model) ----------------------------------------------
+
+
+class _SlowFlushDisk(RawDisk):
+    """A raw image whose flush waits for the test: a flush to storage that takes its time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release_flush = threading.Event()
+        self.flushing = threading.Event()
+        self.flushed_on: set[int] = set()
+
+    def flush(self) -> None:
+        self.flushing.set()
+        self.flushed_on.add(threading.get_ident())
+        assert self.release_flush.wait(10), "the test never let the flush finish"
+        super().flush()
+
+
+def test_a_slow_flush_does_not_hold_back_the_requests_behind_it(
+    image: Path, memory: GuestMemory
+) -> None:
+    """Same queue: a FLUSH waiting for storage, then a READ and a WRITE submitted after it;
+    both complete while the flush still waits, and the flush completes last."""
+    disk = _SlowFlushDisk.open(str(image))
+    device = BlkDevice(disk, num_queues=1)
+    done: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def completion(name: str) -> Callable[[int], None]:
+        def complete(length: int) -> None:
+            with lock:
+                done.append((name, length))
+
+        return complete
+
+    def chain(kind: int, gpa: int, sector: int = 0, **kw: Any) -> DescriptorChain:
+        memory.write_at(gpa, vb.RequestHeader(kind, 0, sector).pack())
+        descs = [Descriptor(gpa, 16, R)]
+        if kw.get("out"):
+            memory.write_at(gpa + 0x100, kw["out"])
+            descs.append(Descriptor(gpa + 0x100, len(kw["out"]), R))
+        if kw.get("in_len"):
+            descs.append(Descriptor(gpa + 0x100, kw["in_len"], W))
+        descs.append(Descriptor(gpa + 0x80, 1, W))
+        return DescriptorChain(head=gpa >> 12, descriptors=tuple(descs))
+
+    try:
+        device.submit_chain(0, memory, chain(vb.VIRTIO_BLK_T_FLUSH, 0x1000), completion("flush"))
+        assert disk.flushing.wait(5)
+        device.submit_chain(
+            0, memory, chain(vb.VIRTIO_BLK_T_IN, 0x3000, 8, in_len=4096), completion("read")
+        )
+        device.submit_chain(
+            0, memory, chain(vb.VIRTIO_BLK_T_OUT, 0x5000, 16, out=b"w" * 512), completion("write")
+        )
+        deadline = time.monotonic() + 5
+        while len(done) < 2:
+            assert time.monotonic() < deadline, done
+            time.sleep(0.01)
+        assert sorted(done) == [("read", 4097), ("write", 1)]
+        disk.release_flush.set()
+        while len(done) < 3:
+            assert time.monotonic() < deadline, done
+            time.sleep(0.01)
+        assert done[2] == ("flush", 1)
+        assert memory.read_at(0x3100, 4096) == image.read_bytes()[8 * 512 : 8 * 512 + 4096]
+    finally:
+        disk.release_flush.set()
+        disk.close()
+
+
+@pytest.mark.parametrize("io_threads", [0, 4])
+def test_io_threads_zero_serves_requests_on_the_queues_own_thread(
+    image: Path, memory: GuestMemory, io_threads: int
+) -> None:
+    """0: every request, a FLUSH included, is served before submit_chain returns, on the
+    caller's thread (one at a time, as before the asynchronous model); otherwise a FLUSH goes
+    to an I/O thread."""
+    disk = _SlowFlushDisk.open(str(image))
+    disk.release_flush.set()
+    device = BlkDevice(disk, num_queues=1, io_threads=io_threads)
+    try:
+        done = threading.Event()
+        memory.write_at(HDR, vb.RequestHeader(vb.VIRTIO_BLK_T_FLUSH, 0, 0).pack())
+        chain = DescriptorChain(
+            head=1, descriptors=(Descriptor(HDR, 16, R), Descriptor(STATUS, 1, W))
+        )
+        device.submit_chain(0, memory, chain, lambda length: done.set())
+        assert done.wait(5)
+        inline = disk.flushed_on == {threading.get_ident()}
+        assert inline == (io_threads == 0)
+    finally:
+        disk.close()

@@ -314,6 +314,16 @@ class QcowDisk:
 
     # ----------------------------------------------------------------- writes
 
+    cached_io: Final = False
+
+    def read_cached(self, offset: int, buffers: IoBuffers) -> bool:
+        del offset, buffers
+        return False  # every request goes to an I/O thread (the metadata lock may wait)
+
+    def write_cached(self, offset: int, buffers: IoBuffers) -> bool:
+        del offset, buffers
+        return False
+
     def write(self, offset: int, buffers: IoBuffers) -> None:
         length = len(buffers)
         self._check(offset, length, write=True)
