@@ -26,6 +26,7 @@ from typing import Final
 
 import structlog
 
+from blkdev import fastpath
 from blkdev import virtio_blk as vb
 from blkdev.disks.disk import Disk
 from blkdev.disks.handle import DiskHandle
@@ -39,6 +40,8 @@ from vhost_user.ring.features import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 )
+from vhost_user.ring.split import SplitVirtqueue
+from vhost_user.ring.virtqueue import Virtqueue
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +60,27 @@ _IO_FAILURES: Final = (BlkdevError, OSError, AccessError, GuestMemoryError)
 
 class _MustWait(Exception):
     """Serving the request inline would wait for storage: hand it to an I/O thread."""
+
+
+class _FastPath:
+    """``vhost_user.device.FastPath`` over ``blkdev.fastpath``: the device's current limits
+    (capacity, read-only, write-through) passed at every call, as they can change."""
+
+    def __init__(self, device: BlkDevice, fast: fastpath.FastPath) -> None:
+        self._device = device
+        self._fast = fast
+
+    def serve(self, budget: int) -> tuple[int, bool]:
+        d = self._device
+        limits = d._limits
+        return self._fast.serve(
+            budget,
+            capacity_sectors=limits.capacity_sectors,
+            punt_writes=limits.read_only or not d._writeback,
+        )
+
+    def close(self) -> None:
+        self._fast.close()
 
 
 class BlkDevice:
@@ -78,7 +102,10 @@ class BlkDevice:
         queue_size: int = 1024,
         seg_max: int | None = None,
         io_threads: int = IO_THREADS,
+        data_plane: str = "c",
     ) -> None:
+        """``data_plane``: ``c`` serves plain reads and writes of a raw image in C where the
+        module is built (``blkdev.fastpath``), ``python`` serves everything in Python."""
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be 1..65535, not {num_queues}")
         if not 2 <= queue_size <= 32768 or queue_size & (queue_size - 1):
@@ -89,6 +116,9 @@ class BlkDevice:
             raise ValueError(f"seg_max must be 1..queue_size-2, not {seg_max}")
         if not 0 <= io_threads <= 1024:
             raise ValueError(f"io_threads must be 0..1024, not {io_threads}")
+        if data_plane not in ("c", "python"):
+            raise ValueError(f"data_plane must be c or python, not {data_plane!r}")
+        self._data_plane = data_plane
         self._disk = disk
         self._num_queues = num_queues
         self._queue_size = queue_size
@@ -253,6 +283,30 @@ class BlkDevice:
             log.exception("device failed a request", queue=queue_index, head=chain.head)
             length = -1
         complete(length)
+
+    def fast_path(
+        self, queue_index: int, queue: Virtqueue, memory: GuestMemory
+    ) -> _FastPath | None:
+        """The C data plane for the queue (``blkdev.fastpath``), when chosen, built and
+        possible: a split ring over a raw image."""
+        if self._data_plane != "c" or not isinstance(queue, SplitVirtqueue):
+            return None
+        target = self._disk.fast_target()
+        if target is None or not fastpath.available():
+            return None
+        fd, align, guard = target
+        return _FastPath(
+            self,
+            fastpath.FastPath(
+                queue,
+                memory,
+                fd=fd,
+                direct_align=align,
+                guard_sectors=guard,
+                max_segs=self._config.seg_max,
+                stats=self.stats.queues[queue_index],
+            ),
+        )
 
     def _pool(self, queue_index: int) -> ThreadPoolExecutor:
         pool = self._pools[queue_index]

@@ -138,6 +138,28 @@ class QueueStats:
             self.latency_sum_ns += elapsed
             self.in_flight -= 1
 
+    def add_native(
+        self,
+        *,
+        reads: int,
+        writes: int,
+        bytes_read: int,
+        bytes_written: int,
+        io_errors: int,
+        lat_sum_ns: int,
+        buckets: list[int],
+    ) -> None:
+        """Requests the C data plane served (``blkdev.fastpath``), in one step."""
+        with self._lock:
+            self.requests[RequestType.READ] += reads
+            self.requests[RequestType.WRITE] += writes
+            self.bytes_read += bytes_read
+            self.bytes_written += bytes_written
+            self.io_errors += io_errors
+            self.latency_sum_ns += lat_sum_ns
+            for i, n in enumerate(buckets):
+                self.latency_buckets[i] += n
+
     def snapshot(self) -> QueueSnapshot:
         return QueueSnapshot(
             requests=tuple(self.requests),

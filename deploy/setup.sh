@@ -71,6 +71,7 @@ fi
 # (a second or two), so a checkout never runs a stale one.
 log "native (cffi)"
 .venv/bin/python -m vhost_user.native.build
+.venv/bin/python -m blkdev.native.build
 
 log "guest"
 .venv/bin/python -m deploy.guest build

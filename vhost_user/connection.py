@@ -416,9 +416,14 @@ class Connection:
             return
         self._stop_logging()
         if want is not None and log is not None:
+            # Rings pause while logging starts: a write in progress (on an I/O thread, or in
+            # a native data plane that does not log) finishes before it, and every write after
+            # it goes through the write choke point (memory.write_tracker).
+            self.vrings.pause_all()
             want.writes.install(log.mark)
             self._logging = want
             self.log.info("dirty logging on")
+            self.vrings.set_memory(self.memory)
         else:
             self.log.info("dirty logging off")
 

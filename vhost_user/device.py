@@ -21,6 +21,20 @@ from typing import Protocol
 
 from memory import GuestMemory
 from vhost_user.ring.chain import DescriptorChain
+from vhost_user.ring.virtqueue import Virtqueue
+
+
+class FastPath(Protocol):
+    """A device's native data plane for one queue (``VhostUserDevice.fast_path``)."""
+
+    def serve(self, budget: int) -> tuple[int, bool]:
+        """Serve up to ``budget`` chains from the head of the available ring, popping and
+        pushing them itself; (how many, whether it stopped at a chain it leaves to
+        ``submit_chain``). Called on the queue's worker thread only."""
+        ...
+
+    def close(self) -> None: ...
+
 
 Completion = Callable[[int], None]
 """Called once per submitted chain, from any thread, with its used length; a negative length
@@ -71,6 +85,11 @@ class VhostUserDevice(Protocol):
         :class:`InlineSubmit` serves it with :meth:`handle_chain` on the spot."""
         ...
 
+    def fast_path(self, queue_index: int, queue: Virtqueue, memory: GuestMemory) -> FastPath | None:
+        """A native data plane for the queue about to start, or None (every chain goes
+        through :meth:`submit_chain`)."""
+        ...
+
     def quiesce(self) -> None:
         """All queues are stopped (GET_VRING_BASE on every queue, disconnect, or shutdown):
         make completed writes durable if the device caches them. Errors are logged, not raised."""
@@ -114,3 +133,6 @@ class InlineSubmit:
         self, queue_index: int, memory: GuestMemory, chain: DescriptorChain, complete: Completion
     ) -> None:
         complete(self.handle_chain(queue_index, memory, chain))
+
+    def fast_path(self, queue_index: int, queue: Virtqueue, memory: GuestMemory) -> FastPath | None:
+        return None

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from vhost_user import eventfd
-from vhost_user.device import Completion, VhostUserDevice
+from vhost_user.device import Completion, FastPath, VhostUserDevice
 from vhost_user.errors import GuestFault
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ class QueueWorker:
         self._done_lock = threading.Lock()
         self._outstanding = 0
         """Chains submitted and not yet reaped (worker thread only)."""
+        self._fast: FastPath | None = None
         self.broken = False
         self.abandoned = False
         self.log = (logger if logger is not None else log).bind(queue=index)
@@ -190,6 +191,12 @@ class QueueWorker:
     def _run(self) -> None:
         self.log.debug("queue worker started")
         try:
+            try:
+                self._fast = self.device.fast_path(self.index, self.queue, self.memory)
+            except Exception:
+                self.log.exception("the native data plane cannot serve this queue")
+            if self._fast is not None:
+                self.log.info("native data plane serves this queue")
             # Look at the ring before the first kick. The ring is fully set up when a worker
             # starts, and a restarted ring (new memory table, re-enabled, new kick fd) may have
             # requests whose kick was consumed earlier, or notifications left suppressed by
@@ -243,6 +250,9 @@ class QueueWorker:
             with self._done_lock:
                 os.close(self._done_fd)
                 self._done_fd = -1
+            if self._fast is not None:
+                self._fast.close()
+                self._fast = None
         self.log.debug("queue worker stopped", broken=self.broken)
 
     def _drain_outstanding(self) -> None:
@@ -300,7 +310,27 @@ class QueueWorker:
         while not self._stopping.is_set() and not self.broken:
             queue.disable_notifications()
             progress = self._reap()
+            fast = self._fast
+            writes = self.memory.writes
             while not self._stopping.is_set() and not self.broken:
+                # The native plane first (not while dirty pages are logged: then every write
+                # into guest memory goes through Python's choke point); it stops at the first
+                # chain it leaves to the Python path, which pops it below.
+                if fast is not None and not writes.active:
+                    if self._done:
+                        progress += self._reap()  # what Python completed goes back first
+                    try:
+                        served, punted = fast.serve(NOTIFY_EVERY)
+                    except Exception:
+                        self.log.exception("the native data plane failed")
+                        self._break("native data plane raised")
+                        break
+                    progress += served
+                    if served == NOTIFY_EVERY:
+                        self._notify()
+                        continue
+                    if not punted:
+                        break
                 try:
                     chain = queue.pop()
                 except GuestFault as exc:

@@ -110,6 +110,15 @@ def add_parser(commands: Any) -> None:
             "0 serves each queue's requests one at a time on its own thread)"
         ),
     )
+    serve.add_argument(
+        "--data-plane",
+        choices=("c", "python"),
+        default=os.environ.get("VHOST_USER_BLK_DATA_PLANE", "c"),
+        help=(
+            "c (default, or $VHOST_USER_BLK_DATA_PLANE): plain reads and writes of a raw image "
+            "are served in C where it is built, the rest in Python; python: everything in Python"
+        ),
+    )
     serve.add_argument("--serial", default="", help="serial number the guest sees (<= 20 bytes)")
     serve.add_argument(
         "--cache",
@@ -239,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
                 read_only=args.read_only,
                 queue_size=args.queue_size,
                 io_threads=args.io_threads,
+                data_plane=args.data_plane,
             )
             if activated is not None:
                 listener, path = activated

@@ -63,6 +63,12 @@ class Disk(Protocol):
         """Write ``len(buffers)`` bytes from guest memory at ``offset``."""
         ...
 
+    def fast_target(self) -> tuple[int, int, int] | None:
+        """For the C data plane (``blkdev.fastpath``): (fd, O_DIRECT alignment or 0, sectors
+        below which writes must take the Python path) when plain reads and writes are
+        ``preadv``/``pwritev`` of the fd at the guest's offset (a raw image); else None."""
+        ...
+
     @property
     def cached_io(self) -> bool:
         """Whether :meth:`read_cached` and :meth:`write_cached` can ever succeed (a buffered

@@ -153,6 +153,10 @@ class DiskHandle:
     def write(self, offset: int, buffers: IoBuffers) -> None:
         self._current().write(offset, buffers)
 
+    def fast_target(self) -> tuple[int, int, int] | None:
+        disk = self._disk
+        return None if disk is None else disk.fast_target()
+
     @property
     def cached_io(self) -> bool:
         disk = self._disk

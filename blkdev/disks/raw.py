@@ -248,6 +248,13 @@ class RawDisk:
     def cached_io(self) -> bool:
         return not self._direct
 
+    def fast_target(self) -> tuple[int, int, int] | None:
+        if self._closed or self._write_lock is not None:
+            return None  # a read-modify-write of part of a block: Python serialises those
+        # A probed image guards its first sector (blkdev.disks.registry): writes there stay
+        # in Python, which checks them.
+        return self._fd, self._align if self._direct else 0, 1 if self._probed else 0
+
     def read_cached(self, offset: int, buffers: IoBuffers) -> bool:
         """Read from the page cache if every byte is there (``RWF_NOWAIT``: the kernel
         refuses rather than wait for storage); False when it is not (then nothing is

@@ -61,6 +61,14 @@ def qsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     proc.wait(10)
 
 
+def test_the_data_plane_is_the_one_chosen(server: ServeProcess) -> None:
+    """The serve process under test runs the C data plane unless the suite runs the Python
+    twin (deploy/test.sh runs this suite both ways)."""
+    bench.run(bench.Options(server.socket, iodepth=4, seconds=0.2))
+    want_c = os.environ.get("VHOST_USER_BLK_DATA_PLANE", "c") == "c"
+    assert ("native data plane serves this queue" in server.log_text()) == want_c
+
+
 def test_the_c_loop_is_built() -> None:
     """CI builds it (deploy/setup.sh): a bench that silently fell back would measure Python."""
     assert native.bench_driver() is not None

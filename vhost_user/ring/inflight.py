@@ -85,6 +85,21 @@ class QueueInflight:
         self.desc_num = desc_num
         self._counter = 0
 
+    @property
+    def region(self) -> memoryview:
+        """The region's bytes, for a native data plane that records into it (same layout,
+        same order of stores)."""
+        return self._bytes
+
+    @property
+    def counter(self) -> int:
+        """The pop counter the next popped chain gets."""
+        return self._counter
+
+    @counter.setter
+    def counter(self, value: int) -> None:
+        self._counter = value
+
     # Item indices: header u16s at byte 8 (version), 10, 12, 14; desc i at byte 16 + 16 i.
     def _flag(self, head: int) -> int:
         return HEADER.size + DESC.size * head

@@ -108,7 +108,9 @@ class SplitVirtqueue:
     __slots__ = (
         "_avail",
         "_avail_event",
+        "_avail_gpa",
         "_desc",
+        "_desc_gpa",
         "_event_idx",
         "_in_flight",
         "_indirect_limit",
@@ -179,6 +181,7 @@ class SplitVirtqueue:
         # mapping. They also keep the regions mapped while this queue exists, even if the
         # memory is closed under it (see memory.guest_memory on deferred unmapping).
         self._desc = memory.view(desc_gpa, 16 * size)
+        self._desc_gpa, self._avail_gpa = desc_gpa, avail_gpa
         self._avail = words(memory.view(avail_gpa, 6 + 2 * size), "H")
         used = memory.view(used_gpa, 6 + 8 * size, writable=True)
         # Stores through a writable view are ours to report to the write choke point, by
@@ -240,6 +243,39 @@ class SplitVirtqueue:
             f"<SplitVirtqueue size={self._size} next_avail={self._next_avail} "
             f"used={self._used_idx} in_flight={self._in_flight}>"
         )
+
+    # -- for a native data plane ---------------------------------------------------------
+
+    def native_views(self) -> tuple[memoryview, memoryview, memoryview]:
+        """The descriptor table, available ring and used ring as mapped here (for a C data
+        plane that serves some chains itself, on this queue's worker thread; see
+        :meth:`native_state` and :meth:`adopt`)."""
+        size = self._size
+        return (
+            self._desc,
+            self._memory.view(self._avail_gpa, 6 + 2 * size),
+            self._memory.view(self._used_gpa, 6 + 8 * size, writable=True),
+        )
+
+    def native_state(self) -> tuple[int, int, int]:
+        """next_avail, the last avail->idx read, used_idx."""
+        return self._next_avail, self._shadow_avail, self._used_idx
+
+    def adopt(self, next_avail: int, shadow_avail: int, used_idx: int) -> None:
+        """Take over the indices a native data plane moved: it popped and pushed whole chains
+        itself (so nothing it served is in flight), with the same ordering rules."""
+        self._next_avail = next_avail & 0xFFFF
+        self._shadow_avail = shadow_avail & 0xFFFF
+        self._used_idx = used_idx & 0xFFFF
+
+    @property
+    def inflight_region(self) -> QueueInflight | None:
+        return self._inflight
+
+    @property
+    def resubmitting(self) -> bool:
+        """Chains a dead backend left are still to come out of :meth:`pop` first."""
+        return bool(self._resubmit)
 
     # -- available ring -------------------------------------------------------------------
 

@@ -316,6 +316,9 @@ class QcowDisk:
 
     cached_io: Final = False
 
+    def fast_target(self) -> tuple[int, int, int] | None:
+        return None  # guest offsets go through the cluster map
+
     def read_cached(self, offset: int, buffers: IoBuffers) -> bool:
         del offset, buffers
         return False  # every request goes to an I/O thread (the metadata lock may wait)
