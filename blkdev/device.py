@@ -52,6 +52,9 @@ MAX_DISCARD_SEGMENTS: Final = 256
 MAX_DWZ_SECTORS: Final = (2**31 - 1) // vb.SECTOR_SIZE
 SIZE_MAX: Final = 1 << 20
 IO_THREADS: Final = 4
+POLL_US: Final = 32
+"""Default busy-polling of a busy queue's available ring by the C data plane, in microseconds
+(qemu-storage-daemon's iothreads poll up to 32 us by default)."""
 """Default I/O threads per queue: how many of a queue's requests wait for storage at once."""
 
 # What a request may fail with, all local or guest-memory problems: answered with IOERR.
@@ -70,13 +73,14 @@ class _FastPath:
         self._device = device
         self._fast = fast
 
-    def serve(self, budget: int) -> tuple[int, bool]:
+    def serve(self, budget: int) -> tuple[int, bool, bool]:
         d = self._device
         limits = d._limits
         return self._fast.serve(
             budget,
             capacity_sectors=limits.capacity_sectors,
             punt_writes=limits.read_only or not d._writeback,
+            poll_ns=d._poll_ns,
         )
 
     def close(self) -> None:
@@ -103,6 +107,7 @@ class BlkDevice:
         seg_max: int | None = None,
         io_threads: int = IO_THREADS,
         data_plane: str = "c",
+        poll_us: int = POLL_US,
     ) -> None:
         """``data_plane``: ``c`` serves plain reads and writes of a raw image in C where the
         module is built (``blkdev.fastpath``), ``python`` serves everything in Python."""
@@ -119,6 +124,9 @@ class BlkDevice:
         if data_plane not in ("c", "python"):
             raise ValueError(f"data_plane must be c or python, not {data_plane!r}")
         self._data_plane = data_plane
+        if not 0 <= poll_us <= 1_000_000:
+            raise ValueError(f"poll_us must be 0..1000000, not {poll_us}")
+        self._poll_ns = poll_us * 1000
         self._disk = disk
         self._num_queues = num_queues
         self._queue_size = queue_size

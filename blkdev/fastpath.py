@@ -84,6 +84,7 @@ class FastPath:
             self._keep += [view, ptr]
             setattr(f, name, ptr)
         f.size = queue.size
+        f.event_idx = int(queue.event_idx)
         self._inflight = queue.inflight_region
         if self._inflight is not None:
             ptr = ffi.from_buffer("uint8_t[]", self._inflight.region)
@@ -97,21 +98,29 @@ class FastPath:
         for i, bound in enumerate(LATENCY_BOUNDS_NS):
             f.lat_bounds_ns[i] = bound
         self._punt = ffi.new("int *")
+        self._notify = ffi.new("int *")
 
-    def serve(self, budget: int, *, capacity_sectors: int, punt_writes: bool) -> tuple[int, bool]:
-        """Serve up to ``budget`` chains; (how many, whether the next one is Python's)."""
+    def serve(
+        self, budget: int, *, capacity_sectors: int, punt_writes: bool, poll_ns: int
+    ) -> tuple[int, bool, bool]:
+        """Serve up to ``budget`` chains; (how many, whether the next one is Python's,
+        whether the driver is to be notified now: the caller signals)."""
         queue = self._queue
         if queue.resubmitting:
-            return 0, True  # a dead backend's chains first, through pop()
+            return 0, True, False  # a dead backend's chains first, through pop()
         f = self._f
-        f.next_avail, f.shadow_avail, f.used_idx = queue.native_state()
+        (f.next_avail, f.shadow_avail, f.used_idx, f.signalled_used, valid) = queue.native_state()
+        f.signalled_valid = int(valid)
         f.capacity_sectors = capacity_sectors
         f.punt_writes = int(punt_writes)
+        f.poll_ns = poll_ns
         inflight = self._inflight
         if inflight is not None:
             f.inflight_counter = inflight.counter
-        served = self._lib.vub_fast_serve(f, budget, self._punt)  # without the GIL
-        queue.adopt(f.next_avail, f.shadow_avail, f.used_idx)
+        served = self._lib.vub_fast_serve(f, budget, self._punt, self._notify)  # no GIL
+        queue.adopt(
+            f.next_avail, f.shadow_avail, f.used_idx, f.signalled_used, bool(f.signalled_valid)
+        )
         if inflight is not None:
             inflight.counter = f.inflight_counter
         if served:
@@ -128,7 +137,7 @@ class FastPath:
             f.lat_sum_ns = 0
             for i in range(len(LATENCY_BOUNDS_NS) + 1):
                 f.lat_buckets[i] = 0
-        return served, bool(self._punt[0])
+        return served, bool(self._punt[0]), bool(self._notify[0])
 
     def close(self) -> None:
         for item in reversed(self._keep):

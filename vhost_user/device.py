@@ -27,10 +27,12 @@ from vhost_user.ring.virtqueue import Virtqueue
 class FastPath(Protocol):
     """A device's native data plane for one queue (``VhostUserDevice.fast_path``)."""
 
-    def serve(self, budget: int) -> tuple[int, bool]:
+    def serve(self, budget: int) -> tuple[int, bool, bool]:
         """Serve up to ``budget`` chains from the head of the available ring, popping and
-        pushing them itself; (how many, whether it stopped at a chain it leaves to
-        ``submit_chain``). Called on the queue's worker thread only."""
+        pushing them itself (and, while busy, polling the ring a little for more); (how many,
+        whether it stopped at a chain it leaves to ``submit_chain``, whether the driver is to
+        be notified: it made that decision, the worker signals). Called on the queue's worker
+        thread only."""
         ...
 
     def close(self) -> None: ...

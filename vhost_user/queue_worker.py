@@ -320,16 +320,22 @@ class QueueWorker:
                     if self._done:
                         progress += self._reap()  # what Python completed goes back first
                     try:
-                        served, punted = fast.serve(NOTIFY_EVERY)
+                        served, punted, notify = fast.serve(NOTIFY_EVERY)
                     except Exception:
-                        self.log.exception("the native data plane failed")
-                        self._break("native data plane raised")
-                        break
-                    progress += served
-                    if served == NOTIFY_EVERY:
-                        self._notify()
+                        # A bug of ours; the ring state is the queue's own between calls, so
+                        # the Python path carries on alone.
+                        self.log.exception("the native data plane failed: Python serves on")
+                        fast.close()
+                        self._fast = fast = None
                         continue
-                    if not punted:
+                    progress += served
+                    if notify:
+                        self._signal_call()
+                    if punted:
+                        pass  # the chain at the head is the Python path's: pop it below
+                    elif served == NOTIFY_EVERY or notify:
+                        continue
+                    else:
                         break
                 try:
                     chain = queue.pop()

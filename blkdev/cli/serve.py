@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from blkdev.cli.common import UsageError, add_logging_options
-from blkdev.device import IO_THREADS
+from blkdev.device import IO_THREADS, POLL_US
 from blkdev.disks.disk import Disk
 
 MAX_NUM_QUEUES = 64
@@ -47,6 +47,16 @@ def _io_threads(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if not 0 <= value <= 1024:
         raise argparse.ArgumentTypeError(f"must be 0..1024, not {value}")
+    return value
+
+
+def _poll_us(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be 0..1000000, not {value}")
     return value
 
 
@@ -117,6 +127,15 @@ def add_parser(commands: Any) -> None:
         help=(
             "c (default, or $VHOST_USER_BLK_DATA_PLANE): plain reads and writes of a raw image "
             "are served in C where it is built, the rest in Python; python: everything in Python"
+        ),
+    )
+    serve.add_argument(
+        "--poll-us",
+        type=_poll_us,
+        default=POLL_US,
+        help=(
+            f"busy-poll a busy queue's ring for up to N microseconds before sleeping (C data "
+            f"plane; default {POLL_US}, 0: never)"
         ),
     )
     serve.add_argument("--serial", default="", help="serial number the guest sees (<= 20 bytes)")
@@ -249,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
                 queue_size=args.queue_size,
                 io_threads=args.io_threads,
                 data_plane=args.data_plane,
+                poll_us=args.poll_us,
             )
             if activated is not None:
                 listener, path = activated

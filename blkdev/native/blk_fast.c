@@ -87,7 +87,30 @@ static void record_latency(struct vub_fast *f, uint64_t ns)
     f->lat_sum_ns += ns;
 }
 
-int vub_fast_serve(struct vub_fast *f, uint32_t budget, int *punt)
+/* Whether to signal the driver for what was pushed since the last decision, as
+ * SplitVirtqueue.should_notify decides it (virtio 2.7.7.2), updating the same state. */
+static int should_notify(struct vub_fast *f)
+{
+    /* Full barrier: our used->idx store visible before we load used_event / avail->flags
+     * (else the driver may re-enable interrupts and miss the one we decide not to send). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t new_idx = f->used_idx, old_idx = f->signalled_used;
+    int valid = f->signalled_valid;
+    f->signalled_used = new_idx;
+    f->signalled_valid = 1;
+    if (!valid)
+        return 1;
+    uint16_t *avail = (uint16_t *)f->avail;
+    if (f->event_idx) {
+        uint16_t event = __atomic_load_n(&avail[2 + f->size], __ATOMIC_ACQUIRE);
+        return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+    }
+    if (new_idx == old_idx)
+        return 0;
+    return !(__atomic_load_n(&avail[0], __ATOMIC_ACQUIRE) & 1);
+}
+
+int vub_fast_serve(struct vub_fast *f, uint32_t budget, int *punt, int *notify)
 {
     uint16_t *avail_idx_p = (uint16_t *)(f->avail + 2);
     uint16_t *avail_ring = (uint16_t *)(f->avail + 4);
@@ -95,12 +118,36 @@ int vub_fast_serve(struct vub_fast *f, uint32_t budget, int *punt)
     uint32_t *used_ring = (uint32_t *)(f->used + 4);
     uint32_t mask = f->size - 1;
     int served = 0;
+    int unsignalled = 0; /* pushed since the last notification decision */
     *punt = 0;
+    *notify = 0;
 
     while ((uint32_t)served < budget) {
         if (f->next_avail == f->shadow_avail) {
             uint16_t idx = __atomic_load_n(avail_idx_p, __ATOMIC_ACQUIRE);
             uint16_t pending = (uint16_t)(idx - f->next_avail);
+            if (pending == 0 && unsignalled) {
+                /* Emptied: tell the driver (through the caller) before waiting for more. */
+                unsignalled = 0;
+                if (should_notify(f)) {
+                    *notify = 1;
+                    break;
+                }
+            }
+            if (pending == 0 && (served || f->busy) && f->poll_ns) {
+                /* Busy: poll a little for the driver's next request (as
+                 * qemu-storage-daemon's adaptive polling), instead of a kick and a wake-up. */
+                uint64_t deadline = now_ns() + f->poll_ns;
+                for (unsigned spins = 1;; spins++) {
+                    idx = __atomic_load_n(avail_idx_p, __ATOMIC_ACQUIRE);
+                    if (idx != f->next_avail || ((spins & 63) == 0 && now_ns() >= deadline))
+                        break;
+#if defined(__x86_64__) || defined(__i386__)
+                    __builtin_ia32_pause();
+#endif
+                }
+                pending = (uint16_t)(idx - f->next_avail);
+            }
             if (pending == 0)
                 break;
             if (pending > f->size) { /* a broken ring: the Python path says so */
@@ -241,6 +288,11 @@ int vub_fast_serve(struct vub_fast *f, uint32_t budget, int *punt)
         else
             f->bytes_written += total;
         served++;
+        unsignalled = 1;
     }
+    if (unsignalled && !*notify && (uint32_t)served >= budget)
+        *notify = should_notify(f); /* the caller decides nothing more before the next call */
+    f->busy = served > 0;
     return served;
 }
+

@@ -24,6 +24,12 @@ struct vub_fast {
     uint16_t next_avail;
     uint16_t shadow_avail;
     uint16_t used_idx;
+    /* used-buffer notifications (virtio 2.7.7.2): what the driver was last told, in and out */
+    int event_idx;
+    uint16_t signalled_used;
+    int signalled_valid;
+    uint64_t poll_ns;        /* busy-poll an emptied ring this long while busy (0: never) */
+    int busy;                /* the previous call served something: poll even before serving */
     /* inflight region of the queue (vhost_user.ring.inflight), or NULL; its pop counter */
     uint8_t *inflight;
     uint64_t inflight_counter;
@@ -42,6 +48,6 @@ struct vub_fast {
 };
 
 /* Serve the available chains that are plain reads and writes; stop at the first that is not
- * (or at `budget` chains). Returns how many were served, or -1 when the chain at next_avail
- * must go to the Python path (then nothing of it was consumed). */
-int vub_fast_serve(struct vub_fast *f, uint32_t budget, int *punt);
+ * (*punt = 1: nothing of it consumed), at `budget` chains, when the driver must be notified
+ * (*notify = 1: the caller signals), or when the ring stays empty. Returns how many. */
+int vub_fast_serve(struct vub_fast *f, uint32_t budget, int *punt, int *notify);

@@ -36,6 +36,11 @@ struct vub_fast {
     uint16_t next_avail;
     uint16_t shadow_avail;
     uint16_t used_idx;
+    int event_idx;
+    uint16_t signalled_used;
+    int signalled_valid;
+    uint64_t poll_ns;
+    int busy;
     uint8_t *inflight;
     uint64_t inflight_counter;
     int fd;
@@ -50,7 +55,7 @@ struct vub_fast {
     uint64_t lat_buckets[VUB_FAST_LAT_BOUNDS + 1];
 };
 
-int vub_fast_serve(struct vub_fast *f, uint32_t budget, int *punt);
+int vub_fast_serve(struct vub_fast *f, uint32_t budget, int *punt, int *notify);
 """
 
 

@@ -96,6 +96,12 @@ def main() -> None:
             for _ in range(args.size_mib):
                 f.write(os.urandom(1 << 20))
         shutil.copyfile(ours_img, qsd_img)
+        # Written back before anything is measured: a write to a page still under writeback
+        # waits for it (stable pages), which would charge the setup to whoever runs first.
+        for img in (ours_img, qsd_img):
+            fd = os.open(img, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
         for direct in (False, True):
             profiles = [p for p in PROFILES if p[5] == direct]
             ours = start_ours(ours_img, work / f"ours{int(direct)}.sock", direct)

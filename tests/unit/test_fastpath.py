@@ -104,10 +104,10 @@ class _Rig:
         self.driver.publish()
         while True:
             if self.fast is not None:
-                served, punted = self.fast.serve(64)
-                if not punted and served < 64:
+                served, punted, notify = self.fast.serve(64)
+                if not punted and served < 64 and not notify:
                     break
-                if served == 64:
+                if not punted:
                     continue
             chain = self.queue.pop()
             if chain is None:
@@ -152,7 +152,7 @@ def test_c_then_python_serves_exactly_as_python_alone(
         assert c.driver.used_entries() == py.driver.used_entries()
         assert c.mem.read_at(0, MEM) == py.mem.read_at(0, MEM)
         assert c.path.read_bytes() == py.path.read_bytes()
-        assert c.queue.native_state() == py.queue.native_state()
+        assert c.queue.native_state()[:3] == py.queue.native_state()[:3]
         sc, sp = c.device.stats.queues[0].snapshot(), py.device.stats.queues[0].snapshot()
         assert (sc.requests, sc.bytes_read, sc.bytes_written, sc.io_errors) == (
             sp.requests,
@@ -177,7 +177,7 @@ def test_c_serves_plain_requests_and_leaves_the_rest(tmp_path: Path, image: byte
         rig.add(3, vb.VIRTIO_BLK_T_IN, 8, [(DATA, 4096, True)], False)
         rig.driver.publish()
         assert rig.fast is not None
-        assert rig.fast.serve(64) == (2, True)  # the FLUSH is Python's
+        assert rig.fast.serve(64)[:2] == (2, True)  # the FLUSH is Python's
         assert rig.queue.native_state()[0] == 2
         assert rig.driver.used_entries() == [(0, 4097), (3, 1)]  # heads: first descriptors
         assert rig.mem.read_at(DATA, 4096) == image[8 * 512 : 8 * 512 + 4096]
@@ -185,7 +185,7 @@ def test_c_serves_plain_requests_and_leaves_the_rest(tmp_path: Path, image: byte
         chain = rig.queue.pop()
         assert chain is not None and len(chain.descriptors) == 2  # the FLUSH
         rig.device.submit_chain(0, rig.mem, chain, lambda n: rig.queue.push_used(chain.head, n))
-        assert rig.fast.serve(64) == (1, False)
+        assert rig.fast.serve(64)[:2] == (1, False)
         assert rig.mem.read_at(STATUS + 2, 2) == b"\0\0"
     finally:
         rig.close()

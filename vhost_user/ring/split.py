@@ -257,16 +257,37 @@ class SplitVirtqueue:
             self._memory.view(self._used_gpa, 6 + 8 * size, writable=True),
         )
 
-    def native_state(self) -> tuple[int, int, int]:
-        """next_avail, the last avail->idx read, used_idx."""
-        return self._next_avail, self._shadow_avail, self._used_idx
+    @property
+    def event_idx(self) -> bool:
+        return self._event_idx
 
-    def adopt(self, next_avail: int, shadow_avail: int, used_idx: int) -> None:
-        """Take over the indices a native data plane moved: it popped and pushed whole chains
-        itself (so nothing it served is in flight), with the same ordering rules."""
+    def native_state(self) -> tuple[int, int, int, int, bool]:
+        """next_avail, the last avail->idx read, used_idx, and what the driver was last told
+        (the used index of the last notification decision, and whether there was one)."""
+        return (
+            self._next_avail,
+            self._shadow_avail,
+            self._used_idx,
+            self._signalled_used,
+            self._signalled_valid,
+        )
+
+    def adopt(
+        self,
+        next_avail: int,
+        shadow_avail: int,
+        used_idx: int,
+        signalled_used: int,
+        signalled_valid: bool,
+    ) -> None:
+        """Take over the state a native data plane moved: it popped and pushed whole chains
+        itself (so nothing it served is in flight) and made notification decisions, with the
+        same rules (:meth:`should_notify`)."""
         self._next_avail = next_avail & 0xFFFF
         self._shadow_avail = shadow_avail & 0xFFFF
         self._used_idx = used_idx & 0xFFFF
+        self._signalled_used = signalled_used & 0xFFFF
+        self._signalled_valid = signalled_valid
 
     @property
     def inflight_region(self) -> QueueInflight | None:
