@@ -362,6 +362,16 @@ class BlkDevice:
                 return 0
             try:
                 kind, status, written, data_bytes = self._serve(memory, layout, inline)
+                if chain.resubmitted:
+                    # Once per request a dead backend left in flight: rare, and what an
+                    # operator checking a restart wants to see.
+                    log.info(
+                        "resubmitted request served",
+                        queue=queue_index,
+                        head=chain.head,
+                        type=kind.name.lower(),
+                        status=status,
+                    )
             except _MustWait:
                 stats.cancel()
                 started = 0

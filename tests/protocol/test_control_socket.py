@@ -214,6 +214,11 @@ def test_a_stale_socket_is_replaced_a_live_one_or_a_file_refused(tmp_path: Path)
             client.close()
             with pytest.raises(FileExistsError):
                 ControlServer(path, stale_backend)
+            # The refused server's liveness probe was a connection too: it must go, not stay.
+            # (Its thread may take a moment to see the hang-up: wait, within bounds.)
+            deadline = time.monotonic() + WAIT
+            while control.client_count > 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert control.client_count <= 1
         assert not os.path.exists(path)
         regular = tmp_path / "file"

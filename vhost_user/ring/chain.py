@@ -40,9 +40,13 @@ class DescriptorChain:
 
     Either way the device must return the head to the used ring (length 0) so the guest does not
     wait forever, and the queue keeps going.
+
+    ``resubmitted``: the chain is one a backend that died left in flight (``ring.inflight``),
+    served again after a restart.
     """
 
     head: int
     descriptors: tuple[Descriptor, ...]
     fault: GuestFault | None = None
     complete: bool = True
+    resubmitted: bool = False

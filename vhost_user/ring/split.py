@@ -309,7 +309,8 @@ class SplitVirtqueue:
         if self._resubmit:
             # A dead backend's requests, in the order it popped them (already marked).
             self._in_flight += 1
-            return self._walk(self._resubmit.popleft())
+            chain = self._walk(self._resubmit.popleft())
+            return DescriptorChain(chain.head, chain.descriptors, chain.fault, chain.complete, True)
         next_avail = self._next_avail
         if next_avail == self._shadow_avail:
             avail_idx = self._avail[_IDX]
