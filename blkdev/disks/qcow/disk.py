@@ -667,19 +667,23 @@ class QcowDisk:
                 "cluster_bits": self._cluster_bits,
             }
             changes: list[jnl.Change] = []
+            replayed = 0
             try:
                 changes = jnl.parse(region, **identity)
                 if changes:
                     self._replay(writeback, changes)
+                    replayed = len(changes)
                     self.log.warning(
-                        "replayed the journal of a backend that died", changes=len(changes)
+                        "replayed the journal of a backend that died", changes=replayed
                     )
             except (jnl.JournalInvalid, ImageCorruptError) as e:
-                self.log.error("journal not replayed: its changes are lost", error=str(e))
+                self.log.error(
+                    "journal not replayed: its changes are lost", changes=len(changes), error=str(e)
+                )
             # May raise DiskIOError (sticky): the region then keeps the journal it held.
             writeback.write_back()
             journal = jnl.Journal(region, **identity)
-            self.log.info("metadata journal kept in the inflight area", replayed=len(changes))
+            self.log.info("metadata journal kept in the inflight area", replayed=replayed)
             self._journal = journal
             writeback.journal = journal
             self._clusters.journal = journal
