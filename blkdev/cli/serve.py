@@ -7,6 +7,7 @@ import grp
 import os
 import signal
 import stat
+from collections.abc import Callable
 from contextlib import ExitStack
 from types import FrameType
 from typing import Any
@@ -40,24 +41,23 @@ def _queue_size(text: str) -> int:
     return value
 
 
-def _io_threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"must be 0..1024, not {value}")
-    return value
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``low..high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, not {value}")
+        return value
+
+    return parse
 
 
-def _poll_us(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"must be 0..1000000, not {value}")
-    return value
+_io_threads = _whole_number(0, 1024)
+_poll_us = _whole_number(0, 1_000_000)
 
 
 def _mode(text: str) -> int:

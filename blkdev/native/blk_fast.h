@@ -1,4 +1,4 @@
-/* The virtio-blk fast path (blk_fast.c); the cdef in blkdev/native/build.py repeats it. */
+/* The virtio-blk fast path (blk_fast.c); blkdev/native/build.py hands these to cffi. */
 #include <stdint.h>
 
 #define VUB_FAST_MAX_REGIONS 64

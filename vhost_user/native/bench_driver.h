@@ -1,4 +1,4 @@
-/* The benchmark front-end's hot loop (bench_driver.c); the cdef in build.py repeats it. */
+/* The benchmark front-end's hot loop (bench_driver.c); build.py hands these to cffi. */
 #include <stdint.h>
 
 #define VUB_RANDREAD 0

@@ -8,6 +8,7 @@ checkout without a compiler still works, with the pure-Python twins (``vhost_use
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
 from pathlib import Path
@@ -16,41 +17,17 @@ import cffi
 
 HERE = Path(__file__).resolve().parent
 
-BENCH_CDEF = """
-#define VUB_RANDREAD 0
-#define VUB_RANDWRITE 1
-#define VUB_READ 2
-#define VUB_WRITE 3
-#define VUB_MAX_DEPTH 256
-#define VUB_LAT_BUCKETS 512
 
-struct vub_bench {
-    uint8_t *mem;
-    uint64_t mem_size;
-    uint32_t qsize;
-    uint32_t iodepth;
-    uint64_t desc_gpa, avail_gpa, used_gpa;
-    uint64_t hdr_gpa, status_gpa, data_gpa;
-    int kick_fd;
-    int event_idx;
-    uint32_t bs;
-    uint32_t rw;
-    uint64_t capacity;
-    double seconds;
-    uint64_t seed;
-    uint64_t ops, errors, bytes, kicks;
-    uint64_t lat_sum_ns;
-    uint64_t elapsed_ns;
-    uint64_t lat_hist[VUB_LAT_BUCKETS];
-};
-
-int vub_bench_run(struct vub_bench *b);
-"""
+def cdef_of(header: Path) -> str:
+    """The declarations of a C header as cffi's cdef takes them: the header is the one place
+    the layout is written; its comments and #include lines are dropped."""
+    text = re.sub(r"/\*.*?\*/", "", header.read_text(), flags=re.S)
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#include"))
 
 
 def bench_builder() -> cffi.FFI:
     ffi = cffi.FFI()
-    ffi.cdef(BENCH_CDEF)
+    ffi.cdef(cdef_of(HERE / "bench_driver.h"))
     flags = [
         "-O2",
         "-Wall",
