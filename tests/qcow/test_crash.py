@@ -59,32 +59,13 @@ def test_kill9_leaves_consistent_image(tmp_path: Path, backing: bool) -> None:
         create_image(str(img), SIZE, cluster_size=CS, backing_file="base.raw", backing_format="raw")
     else:
         create_image(str(img), SIZE, cluster_size=CS)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for round_ in range(6):
         # Every round starts from what the previous crash left, leaks and all.
         seed = rnd.randrange(1 << 30)
         flat = tmp_path / "before.raw"
         qemu_img("convert", "-O", "raw", img, flat)
         before = flat.read_bytes()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.qcow.crash_worker", str(img), str(seed)],
-            stdout=subprocess.PIPE,
-            cwd=ROOT,
-            env=env,
-        )
-        # Kill at a random point of the workload, not of Python's start-up: on a loaded host
-        # the interpreter alone can take longer than any fixed sleep.
-        assert proc.stdout is not None
-        started = b""
-        while not started.endswith(b"BEGIN 5\n"):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            started += line
-        time.sleep(rnd.random() * 0.6)
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-        events = [line.split() for line in (started + out).decode().splitlines()]
+        events = _run_and_kill(img, seed, rnd, None)
         flushed = max((int(e[1]) for e in events if e[0] == "FLUSHED"), default=-1)
         begun = max((int(e[1]) for e in events if e[0] == "BEGIN"), default=-1)
         assert begun > 5, f"round {round_}: the worker barely started ({events[-4:]})"
@@ -117,6 +98,8 @@ def _run_and_kill(
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         pass_fds=() if journal_fd is None else (journal_fd,),
     )
+    # Kill at a random point of the workload, not of Python's start-up: on a loaded host the
+    # interpreter alone can take longer than any fixed sleep.
     assert proc.stdout is not None
     started = b""
     while not started.endswith(b"BEGIN 5\n"):
