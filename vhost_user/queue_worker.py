@@ -201,7 +201,17 @@ class QueueWorker:
             # starts, and a restarted ring (new memory table, re-enabled, new kick fd) may have
             # requests whose kick was consumed earlier, or notifications left suppressed by
             # the previous worker so that the driver will not kick: one pass re-arms them.
+            resumed = self.queue.used_idx != 0
             self._serve()
+            if resumed:
+                # A ring that was served before (a restart, a reconnect, a re-enable) may have
+                # used entries the previous backend pushed and never signalled: it was killed
+                # between the two, or it left the decision to a batch that never ended. The
+                # driver sleeps until an interrupt nobody else will send (we signal only after
+                # pushing, and with nothing to resubmit we push nothing). A spurious interrupt
+                # is harmless (the driver finds no new used entry and goes back to sleep); a lost one
+                # hangs the guest. A fresh ring (used index 0) has nothing unsignalled.
+                self._signal_call()
             poller = select.poll()
             poller.register(self.kick_fd, select.POLLIN)
             poller.register(self._wake_fd, select.POLLIN)

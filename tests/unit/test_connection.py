@@ -273,6 +273,27 @@ def test_restart_after_get_vring_base_resumes_at_base(backend: Backend) -> None:
     assert backend.driver(0).used() == [(head, 3)]
 
 
+def test_a_resumed_ring_signals_once_before_any_new_request(backend: Backend) -> None:
+    """A backend killed between pushing used entries and signalling them leaves the driver
+    asleep on entries it was never told about (the restart hang of issue 11): a ring that
+    starts with a used index past 0 signals once, unasked, and a fresh ring does not."""
+    ready(backend)
+    assert not backend.fe.wait_call(0, timeout=0.3), "a fresh ring signalled"
+    echo(backend, 0, b"one")
+    backend.driver(0).used()
+    # QEMU 7.2's stop and start (as on a reconnect to a new backend): disable, GET_VRING_BASE,
+    # then NUM, BASE, ADDR, KICK, CALL with the ring stopped, and ENABLE last, so the new call
+    # fd comes before the worker (no "new call fd" signal covers it).
+    backend.fe.set_vring_enable(0, False)
+    base = backend.fe.get_vring_base(0)
+    lay = ring_layout(0)
+    backend.fe.setup_vring(
+        0, backend.memory, size=lay.size, desc=lay.desc, avail=lay.avail, used=lay.used, base=base
+    )
+    assert backend.fe.wait_call(0, timeout=5), "the resumed ring never signalled"
+    assert not backend.driver(0).has_used()  # nothing new: the signal is for the old entries
+
+
 def test_call_fd_swapped_while_running(backend: Backend) -> None:
     ready(backend)
     new_call = os.eventfd(0, os.EFD_NONBLOCK)
