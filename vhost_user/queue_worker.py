@@ -209,8 +209,8 @@ class QueueWorker:
                 # between the two, or it left the decision to a batch that never ended. The
                 # driver sleeps until an interrupt nobody else will send (we signal only after
                 # pushing, and with nothing to resubmit we push nothing). A spurious interrupt
-                # is harmless (the driver finds no new used entry and goes back to sleep); a lost one
-                # hangs the guest. A fresh ring (used index 0) has nothing unsignalled.
+                # is harmless (the driver finds no new used entry and sleeps again); a lost
+                # one hangs the guest. A fresh ring (used index 0) has nothing unsignalled.
                 self._signal_call()
             poller = select.poll()
             poller.register(self.kick_fd, select.POLLIN)
