@@ -195,7 +195,7 @@ class QueueLayout:
 
 
 def _c_loop(
-    fe: Frontend, lay: QueueLayout, kick: int, opts: Options, capacity: int, seed: int
+    fe: Frontend, lay: QueueLayout, kick: int, opts: Options, capacity: int, seed: int, q: int
 ) -> QueueResult:
     mod = native.bench_driver()
     assert mod is not None
@@ -303,7 +303,7 @@ class _PyRing:
 
 
 def _python_loop(
-    fe: Frontend, lay: QueueLayout, kick: int, opts: Options, capacity: int, seed: int
+    fe: Frontend, lay: QueueLayout, kick: int, opts: Options, capacity: int, seed: int, q: int
 ) -> QueueResult:
     ring = _PyRing(fe, lay, opts.queue_size, kick, opts.event_idx)
     mem = ring.mem
@@ -336,12 +336,30 @@ def _python_loop(
             slot_block[i] = block
             started[i] = time.perf_counter_ns()
 
+        # With --verify, what a block must read back is only defined if its writes never
+        # overlap: two in flight at once may land in either order (virtio orders nothing), on
+        # one queue or across queues. So each queue owns the blocks b with b % queues == q,
+        # and a block in flight is not written again until it completes.
+        stripe = opts.queues if opts.verify else 1
+        owned = max(1, (blocks - q + stripe - 1) // stripe) if stripe > 1 else blocks
+        busy: set[int] = set()
+        if opts.verify and blocks // stripe <= depth:
+            raise RuntimeError(
+                f"the disk is too small to verify {depth} blocks in flight per queue"
+            )
+
         def next_block() -> int:
             nonlocal seq
-            if opts.rw.startswith("rand"):
-                return rnd.randrange(blocks)
-            seq += 1
-            return (seq - 1) % blocks
+            while True:
+                if opts.rw.startswith("rand"):
+                    n = rnd.randrange(owned)
+                else:
+                    seq += 1
+                    n = (seq - 1) % owned
+                block = n * stripe + (q if stripe > 1 else 0)
+                if not opts.verify or (block < blocks and block not in busy):
+                    busy.add(block)
+                    return block
 
         deadline = time.monotonic() + opts.seconds
         t0 = time.perf_counter_ns()
@@ -363,6 +381,7 @@ def _python_loop(
                 if h % 3 or i >= depth:
                     raise RuntimeError("bench driver: a head that was never made available")
                 outstanding -= 1
+                busy.discard(slot_block[i])
                 res.errors += mem[lay.status + i] != 0
                 lat = now - started[i]
                 res.hist[bucket_of(lat)] += 1
@@ -454,7 +473,7 @@ def run(opts: Options, *, progress: Callable[[str], None] | None = None) -> Repo
 
         def one(q: int) -> None:
             try:
-                results[q] = loop(fe, layouts[q], kicks[q], opts, capacity, 1 + q * 7919)
+                results[q] = loop(fe, layouts[q], kicks[q], opts, capacity, 1 + q * 7919, q)
             except BaseException as exc:  # reported below, with the others
                 results[q] = exc
 

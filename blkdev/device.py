@@ -20,7 +20,10 @@ renegotiations (backend reconnections), since QEMU does not replay it.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
@@ -28,7 +31,7 @@ import structlog
 
 from blkdev import fastpath
 from blkdev import virtio_blk as vb
-from blkdev.disks.disk import Disk
+from blkdev.disks.disk import AsyncDisk, Disk
 from blkdev.disks.handle import DiskHandle
 from blkdev.errors import BlkdevError
 from blkdev.stats import DeviceStats, RequestType, request_type
@@ -272,6 +275,10 @@ class BlkDevice:
         FLUSH needs nothing more: it runs when every write completed before it was submitted
         has returned from the kernel, so its fdatasync covers them (virtio 5.2.6: a flush
         covers the writes *completed* before it, not those still in flight)."""
+        aio = self._disk.aio
+        if aio is not None:
+            self._submit_async(aio, queue_index, memory, chain, complete)
+            return
         if self._io_threads == 0:
             complete(self.handle_chain(queue_index, memory, chain))
             return
@@ -281,6 +288,148 @@ class BlkDevice:
                 complete(length)
                 return
         self._pool(queue_index).submit(self._run, queue_index, memory, chain, complete)
+
+    def _submit_async(
+        self,
+        aio: AsyncDisk,
+        queue_index: int,
+        memory: GuestMemory,
+        chain: DescriptorChain,
+        complete: Completion,
+    ) -> None:
+        """A disk with an asynchronous interface (RBD): start the request's I/O and return;
+        its completion (on the disk's thread) writes the status and completes the chain.
+        Everything that needs no I/O (faults, refusals, GET_ID) is answered at once, as
+        :meth:`_serve` answers it."""
+        if chain.fault is not None:
+            complete(self.handle_chain(queue_index, memory, chain))
+            return
+        layout = vb.split_chain(chain.descriptors)
+        status_gpa = layout.status
+        if status_gpa is None or layout.header_length < vb.REQUEST_HEADER.size:
+            complete(self.handle_chain(queue_index, memory, chain))
+            return
+        limits = self._limits
+        try:
+            header = vb.decode_header(self._read(memory, layout.header))
+        except _IO_FAILURES:
+            complete(self.handle_chain(queue_index, memory, chain))
+            return
+        plan = vb.plan_request(header, layout, limits)
+        if isinstance(plan, vb.ReadSegments):
+            self._submit_ranges(aio, queue_index, memory, chain, plan, status_gpa, complete)
+            return
+        if (
+            not isinstance(plan, vb.Read | vb.Write | vb.Flush)
+            or (isinstance(plan, vb.Read | vb.Write) and not plan.length)
+            or (isinstance(plan, vb.Flush) and self._read_only)
+        ):
+            # GET_ID, refusals, empty transfers, a read-only flush: nothing to wait for.
+            complete(self.handle_chain(queue_index, memory, chain))
+            return
+        stats = self.stats.queues[queue_index]
+        started = stats.begin()
+        kind = request_type(header.type)
+
+        def finish(result: int, data_bytes: int, written: int) -> None:
+            status = vb.VIRTIO_BLK_S_OK if result >= 0 else vb.VIRTIO_BLK_S_IOERR
+            if result < 0:
+                log.debug("request failed", error=os.strerror(-result), type=kind.name.lower())
+            stats.end(started, kind, status, data_bytes if result >= 0 else 0)
+            if chain.resubmitted:
+                log.info(
+                    "resubmitted request served",
+                    queue=queue_index,
+                    head=chain.head,
+                    type=kind.name.lower(),
+                    status=status,
+                )
+            ok = self._write_status(memory, status_gpa, status)
+            complete((written if result >= 0 else 0) + 1 if ok else 0)
+
+        try:
+            if isinstance(plan, vb.Read):
+                buffers = request_buffers_from_buffers(memory, list(plan.segments), True)
+                n = plan.length
+                aio.submit_read(plan.offset, buffers, lambda r: finish(r, n, n))
+            elif isinstance(plan, vb.Write):
+                buffers = request_buffers_from_buffers(memory, list(plan.segments), False)
+                n = plan.length
+                aio.submit_write(plan.offset, buffers, self._then_flush(aio, finish, n))
+            else:
+                aio.submit_flush(lambda r: finish(r, 0, 0))
+        except _IO_FAILURES as e:
+            log.debug("request not started", error=str(e))
+            finish(-errno.EIO, 0, 0)
+
+    def _then_flush(
+        self, aio: AsyncDisk, finish: Callable[[int, int, int], None], n: int
+    ) -> Callable[[int], None]:
+        """A write's completion: write-through (the driver's choice, or no FLUSH negotiated)
+        flushes before the request completes, as :meth:`_after_write` does for the others."""
+
+        def written(result: int) -> None:
+            if result < 0 or self._writeback:
+                finish(result, n, 0)
+                return
+            try:
+                aio.submit_flush(lambda r: finish(r, n, 0))
+            except _IO_FAILURES as e:
+                log.debug("flush after write not started", error=str(e))
+                finish(-errno.EIO, n, 0)
+
+        return written
+
+    def _submit_ranges(
+        self,
+        aio: AsyncDisk,
+        queue_index: int,
+        memory: GuestMemory,
+        chain: DescriptorChain,
+        plan: vb.ReadSegments,
+        status_gpa: int,
+        complete: Completion,
+    ) -> None:
+        """DISCARD and WRITE_ZEROES: every segment started at once; the request completes
+        when the last one does, failed if any did."""
+        stats = self.stats.queues[queue_index]
+        started = stats.begin()
+        kind = request_type(plan.type)
+        try:
+            ranges = vb.decode_segments(plan.type, self._read(memory, plan.segments), self._limits)
+        except _IO_FAILURES:
+            ranges = vb.Fail(vb.VIRTIO_BLK_S_IOERR)
+        if isinstance(ranges, vb.Fail) or not ranges:
+            status = ranges.status if isinstance(ranges, vb.Fail) else vb.VIRTIO_BLK_S_OK
+            stats.end(started, kind, status, 0)
+            complete(1 if self._write_status(memory, status_gpa, status) else 0)
+            return
+        lock = threading.Lock()
+        state = {"left": len(ranges), "failed": False}
+
+        def one_done(result: int) -> None:
+            with lock:
+                state["left"] -= 1
+                state["failed"] = state["failed"] or result < 0
+                if state["left"]:
+                    return
+            result = -errno.EIO if state["failed"] else 0
+            self._then_flush(aio, finish, 0)(result)
+
+        def finish(result: int, _n: int, _w: int) -> None:
+            status = vb.VIRTIO_BLK_S_OK if result >= 0 else vb.VIRTIO_BLK_S_IOERR
+            stats.end(started, kind, status, 0)
+            complete(1 if self._write_status(memory, status_gpa, status) else 0)
+
+        for r in ranges:
+            try:
+                if plan.type == vb.VIRTIO_BLK_T_DISCARD:
+                    aio.submit_discard(r.offset, r.length, one_done)
+                else:
+                    aio.submit_write_zeroes(r.offset, r.length, r.unmap, one_done)
+            except _IO_FAILURES as e:
+                log.debug("request not started", error=str(e))
+                one_done(-errno.EIO)
 
     def _run(
         self, queue_index: int, memory: GuestMemory, chain: DescriptorChain, complete: Completion

@@ -15,7 +15,8 @@ if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils fio busybox-static e2fsprogs cpio
       xz-utils zstd util-linux python3 python3-venv python3-dev gcc
-      systemd libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils)
+      systemd libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils
+      ceph-mon ceph-osd ceph-common librbd-dev librados-dev qemu-block-extra iproute2)
 
 missing=()
 for p in "${PKGS[@]}"; do

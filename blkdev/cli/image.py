@@ -20,7 +20,7 @@ def add_parser(commands: Any) -> None:
     create.add_argument("--backing-file", "-b", default=None)
     create.add_argument("--backing-format", "-F", choices=("raw", "qcow2"), default=None)
     info = image_commands.add_parser("info", help="print image facts as JSON (like qemu-img info)")
-    info.add_argument("path")
+    info.add_argument("path", help="a file, or an RBD image as rbd:POOL/IMAGE[@SNAP][:...]")
     check = image_commands.add_parser("check", help="walk refcounts; report leaks and corruption")
     check.add_argument("path")
     check.add_argument("--output", choices=("human", "json"), default="human")
@@ -56,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if args.image_command == "info":
+        if args.path.startswith("rbd:"):
+            from blkdev.disks.rbd import rbd_image_info
+
+            print(json.dumps(rbd_image_info(args.path), indent=4))
+            return 0
         print(json.dumps(qcow.image_info(args.path), indent=4))
         return 0
     result = qcow.check_image(args.path)

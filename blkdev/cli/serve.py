@@ -93,11 +93,16 @@ def add_parser(commands: Any) -> None:
         ),
     )
     serve.add_argument(
-        "--image", required=True, help="the disk image (raw file, block device, qcow2)"
+        "--image",
+        required=True,
+        help=(
+            "the disk image: a raw file, a block device, a qcow2 image, or a Ceph RBD image "
+            "as rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER][:KEY=VALUE...] (QEMU's syntax)"
+        ),
     )
     serve.add_argument(
         "--format",
-        choices=("auto", "raw", "qcow2"),
+        choices=("auto", "raw", "qcow2", "rbd"),
         default="auto",
         help=(
             "image format (default: auto; a probed qcow2 may not open a backing file, a probed "
@@ -177,7 +182,8 @@ def add_parser(commands: Any) -> None:
     serve.add_argument(
         "--no-follow-resize",
         action="store_true",
-        help="do not follow a block device's kernel resize events",
+        help="do not follow the size of storage resized elsewhere (a block device's kernel "
+        "resize events, an RBD image's header watch)",
     )
     add_logging_options(serve)
 
@@ -245,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
         # A migration's destination: the source holds the image until its VM stops. Look
         # only (read-only, no lock) for the config space; blkdev.disks.handle takes it later.
         first = open_disk(args.image, fmt=args.format, read_only=True, cache=args.cache, lock=False)
-        if not args.read_only and not os.access(args.image, os.W_OK):
+        is_path = first.format_name in ("raw", "qcow2")
+        if is_path and not args.read_only and not os.access(args.image, os.W_OK):
             first.close()
             raise UsageError(f"{args.image} cannot be written: pass --read-only or fix its mode")
         disk = DiskHandle(opener, first, held=False, read_only=args.read_only)
@@ -299,6 +306,9 @@ def run(args: argparse.Namespace) -> int:
                     log.warning("cannot follow resize events", error=str(exc))
                 else:
                     stack.callback(watcher.stop)
+            stop_following = None if args.no_follow_resize else disk.follow_size(live.follow)
+            if stop_following is not None:
+                stack.callback(stop_following)
             if args.control is not None:
                 stack.enter_context(ControlServer(args.control, backend))
             if metrics_address is not None:

@@ -22,11 +22,39 @@ what needs it (qcow-lite: one metadata lock). Failures:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from memory import IoBuffers
 
 SECTOR_SIZE = 512
+
+DiskDone = Callable[[int], None]
+"""An asynchronous request's completion: called once, from any thread, with its result (>= 0:
+done; a negative errno: failed, and the request gets IOERR)."""
+
+
+class AsyncDisk(Protocol):
+    """Requests started and completed later, for storage whose latency is a network round
+    trip (``blkdev.disks.rbd``): a queue then keeps as many in flight as the guest sends.
+
+    Each ``submit_*`` starts one request and returns; ``done`` is called when it finishes.
+    ``buffers`` must stay valid until then (guest memory does: a ring stops only once every
+    request it submitted has completed). A request that cannot even start raises (``DiskIOError``;
+    ``ValueError`` for a caller's bad offset) and ``done`` is never called. A flush covers every
+    write whose ``done`` was called before the flush was submitted."""
+
+    def submit_read(self, offset: int, buffers: IoBuffers, done: DiskDone) -> None: ...
+
+    def submit_write(self, offset: int, buffers: IoBuffers, done: DiskDone) -> None: ...
+
+    def submit_flush(self, done: DiskDone) -> None: ...
+
+    def submit_discard(self, offset: int, length: int, done: DiskDone) -> None: ...
+
+    def submit_write_zeroes(
+        self, offset: int, length: int, unmap: bool, done: DiskDone
+    ) -> None: ...
 
 
 class Disk(Protocol):
@@ -61,6 +89,13 @@ class Disk(Protocol):
 
     def write(self, offset: int, buffers: IoBuffers) -> None:
         """Write ``len(buffers)`` bytes from guest memory at ``offset``."""
+        ...
+
+    @property
+    def aio(self) -> AsyncDisk | None:
+        """The disk's asynchronous interface, when it has one (then the device submits every
+        read, write, flush, discard and write-zeroes through it); None: the device calls the
+        synchronous methods, from I/O threads where they may wait."""
         ...
 
     def fast_target(self) -> tuple[int, int, int] | None:
@@ -112,6 +147,13 @@ class Disk(Protocol):
     def refresh_size(self) -> int:
         """Re-read the size of storage that can grow by itself (a block device after a kernel
         resize uevent) and return it; a disk whose size only it changes returns ``size``."""
+        ...
+
+    def follow_size(self, changed: Callable[[], None]) -> Callable[[], None] | None:
+        """Call ``changed`` whenever storage that can change size by itself, by means the
+        disk itself can watch (an RBD image resized by another client), may have; returns a
+        function that stops following, or None when the disk cannot tell (a block device's
+        resizes come from kernel uevents instead, ``blkdev.uevents`` with :attr:`rdev`)."""
         ...
 
     @property

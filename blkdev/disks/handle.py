@@ -28,7 +28,7 @@ from typing import Final
 
 import structlog
 
-from blkdev.disks.disk import Disk
+from blkdev.disks.disk import AsyncDisk, Disk
 from blkdev.errors import ImageLockedError
 from memory import IoBuffers
 
@@ -152,6 +152,17 @@ class DiskHandle:
 
     def write(self, offset: int, buffers: IoBuffers) -> None:
         self._current().write(offset, buffers)
+
+    @property
+    def aio(self) -> AsyncDisk | None:
+        disk = self._disk
+        return None if disk is None else disk.aio
+
+    def follow_size(self, changed: Callable[[], None]) -> Callable[[], None] | None:
+        # Followed on the disk opened now: one a migration hands over and takes back is not
+        # followed again (an RBD image resized meanwhile is seen at the next start).
+        disk = self._disk
+        return None if disk is None else disk.follow_size(changed)
 
     def fast_target(self) -> tuple[int, int, int] | None:
         disk = self._disk

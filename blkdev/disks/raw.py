@@ -248,6 +248,13 @@ class RawDisk:
     def cached_io(self) -> bool:
         return not self._direct
 
+    @property
+    def aio(self) -> None:
+        return None  # preadv/pwritev on I/O threads, or the C data plane
+
+    def follow_size(self, changed: Callable[[], None]) -> Callable[[], None] | None:
+        return None  # a block device's resizes come as kernel uevents (rdev)
+
     def fast_target(self) -> tuple[int, int, int] | None:
         if self._closed or self._write_lock is not None:
             return None  # a read-modify-write of part of a block: Python serialises those

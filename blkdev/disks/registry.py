@@ -25,7 +25,7 @@ from blkdev.disks.probe import probe_format
 from blkdev.disks.qcow import QcowDisk
 from blkdev.disks.raw import RawDisk
 
-Format = Literal["auto", "raw", "qcow2"]
+Format = Literal["auto", "raw", "qcow2", "rbd"]
 Cache = Literal["writeback", "none"]
 
 
@@ -64,8 +64,22 @@ def _open_qcow2(req: OpenRequest) -> Disk:
     )
 
 
+def _open_rbd(req: OpenRequest) -> Disk:
+    # Imported here: only an rbd image needs the librbd binding. ``cache`` is for files
+    # (librbd's own cache is an option of the spec); ``lock`` does not apply (RBD has no
+    # lock we take: librbd's exclusive lock moves to whichever client writes).
+    from blkdev.disks.rbd import RbdDisk
+
+    return RbdDisk.open(req.target, read_only=req.read_only)
+
+
 FORMATS: Mapping[str, DiskFormat] = {
-    f.name: f for f in (DiskFormat("raw", _open_raw), DiskFormat("qcow2", _open_qcow2))
+    f.name: f
+    for f in (
+        DiskFormat("raw", _open_raw),
+        DiskFormat("qcow2", _open_qcow2),
+        DiskFormat("rbd", _open_rbd, schemes=("rbd",)),
+    )
 }
 """Every format, by name (``--format``)."""
 
@@ -105,6 +119,8 @@ def open_disk(
         probed = False
     else:
         chosen = FORMATS[probe_format(image) if fmt == "auto" else fmt]
+        if chosen.schemes:
+            raise ValueError(f"{fmt} images are named {chosen.schemes[0]}:..., not {image!r}")
         target, probed = image, fmt == "auto"
     return chosen.open(
         OpenRequest(target, read_only=read_only, cache=cache, probed=probed, lock=lock)

@@ -1,11 +1,14 @@
 """Build blkdev's C parts with cffi in API mode: ``python -m blkdev.native.build``.
 
 Like ``vhost_user.native.build`` (same flags, ``VHOST_USER_CFLAGS`` adds the sanitizers);
-``deploy/setup.sh`` runs both. Without them the device serves every request in Python.
+``deploy/setup.sh`` runs both. Two modules: the virtio-blk fast path (without it the device
+serves every request in Python) and the librbd shim (needs librbd-dev and librados-dev; without
+it ``rbd:`` images cannot be served, and say so). ``--only fast|rbd`` builds one.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import tempfile
@@ -33,13 +36,39 @@ def fast_builder() -> cffi.FFI:
     return ffi
 
 
+def rbd_builder() -> cffi.FFI:
+    ffi = cffi.FFI()
+    # struct iovec comes from <sys/uio.h>; cffi checks the layout against it ("...").
+    ffi.cdef("struct iovec { void *iov_base; size_t iov_len; ...; };")
+    ffi.cdef(cdef_of(HERE / "rbd_shim.h"))
+    extra = shlex.split(os.environ.get("VHOST_USER_CFLAGS", ""))
+    ffi.set_source(
+        "blkdev.native._rbd",
+        '#include "rbd_shim.h"',
+        sources=[str(HERE / "rbd_shim.c")],
+        include_dirs=[str(HERE)],
+        libraries=["rbd", "rados"],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", *extra],
+        extra_link_args=shlex.split(os.environ.get("VHOST_USER_LDFLAGS", "")),
+    )
+    return ffi
+
+
+BUILDERS = {"fast": fast_builder, "rbd": rbd_builder}
+
+
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        ffi = fast_builder()
-        built = Path(ffi.compile(tmpdir=tmp, verbose=False))
-        target = HERE / built.name
-        os.replace(built, target)
-        print(f"built {target.relative_to(HERE.parents[1])}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(BUILDERS))
+    args = parser.parse_args()
+    for name, builder in BUILDERS.items():
+        if args.only not in (None, name):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            built = Path(builder().compile(tmpdir=tmp, verbose=False))
+            target = HERE / built.name
+            os.replace(built, target)
+            print(f"built {target.relative_to(HERE.parents[1])}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import dataclasses
 import os
 import struct
 import threading
+from collections.abc import Callable
 from typing import Final, NoReturn
 
 import structlog
@@ -315,6 +316,7 @@ class QcowDisk:
     # ----------------------------------------------------------------- writes
 
     cached_io: Final = False
+    aio: Final = None  # synchronous: metadata updates are ordered by the metadata lock
 
     def fast_target(self) -> tuple[int, int, int] | None:
         return None  # guest offsets go through the cluster map
@@ -633,6 +635,9 @@ class QcowDisk:
     def refresh_size(self) -> int:
         """Only this process changes a qcow2 image's size (the image is locked)."""
         return self._header.size
+
+    def follow_size(self, changed: Callable[[], None]) -> Callable[[], None] | None:
+        return None
 
     # ----------------------------------------------------------------- flush / close
 
