@@ -64,6 +64,21 @@ POLL_US: Final = 32
 _IO_FAILURES: Final = (BlkdevError, OSError, AccessError, GuestMemoryError)
 
 
+def _log_resubmitted(
+    queue_index: int, chain: DescriptorChain, kind: RequestType, status: int
+) -> None:
+    """Once per request a dead backend left in flight: rare, and what an operator checking a
+    restart wants to see."""
+    if chain.resubmitted:
+        log.info(
+            "resubmitted request served",
+            queue=queue_index,
+            head=chain.head,
+            type=kind.name.lower(),
+            status=status,
+        )
+
+
 class _MustWait(Exception):
     """Serving the request inline would wait for storage: hand it to an I/O thread."""
 
@@ -336,14 +351,7 @@ class BlkDevice:
             if result < 0:
                 log.debug("request failed", error=os.strerror(-result), type=kind.name.lower())
             stats.end(started, kind, status, data_bytes if result >= 0 else 0)
-            if chain.resubmitted:
-                log.info(
-                    "resubmitted request served",
-                    queue=queue_index,
-                    head=chain.head,
-                    type=kind.name.lower(),
-                    status=status,
-                )
+            _log_resubmitted(queue_index, chain, kind, status)
             ok = self._write_status(memory, status_gpa, status)
             complete((written if result >= 0 else 0) + 1 if ok else 0)
 
@@ -511,16 +519,7 @@ class BlkDevice:
                 return 0
             try:
                 kind, status, written, data_bytes = self._serve(memory, layout, inline)
-                if chain.resubmitted:
-                    # Once per request a dead backend left in flight: rare, and what an
-                    # operator checking a restart wants to see.
-                    log.info(
-                        "resubmitted request served",
-                        queue=queue_index,
-                        head=chain.head,
-                        type=kind.name.lower(),
-                        status=status,
-                    )
+                _log_resubmitted(queue_index, chain, kind, status)
             except _MustWait:
                 stats.cancel()
                 started = 0

@@ -21,36 +21,38 @@ from vhost_user.native.build import cdef_of
 HERE = Path(__file__).resolve().parent
 
 
-def fast_builder() -> cffi.FFI:
+def _builder(module: str, stem: str, *, libraries: tuple[str, ...] = ()) -> cffi.FFI:
+    """``stem.h`` declared to cffi, ``stem.c`` compiled into ``blkdev.native.<module>``."""
     ffi = cffi.FFI()
-    ffi.cdef(cdef_of(HERE / "blk_fast.h"))
-    extra = shlex.split(os.environ.get("VHOST_USER_CFLAGS", ""))
     ffi.set_source(
-        "blkdev.native._blk_fast",
-        '#include "blk_fast.h"',
-        sources=[str(HERE / "blk_fast.c")],
+        f"blkdev.native.{module}",
+        f'#include "{stem}.h"',
+        sources=[str(HERE / f"{stem}.c")],
         include_dirs=[str(HERE)],
-        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", *extra],
+        libraries=list(libraries),
+        extra_compile_args=[
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            *shlex.split(os.environ.get("VHOST_USER_CFLAGS", "")),
+        ],
         extra_link_args=shlex.split(os.environ.get("VHOST_USER_LDFLAGS", "")),
     )
     return ffi
 
 
+def fast_builder() -> cffi.FFI:
+    ffi = _builder("_blk_fast", "blk_fast")
+    ffi.cdef(cdef_of(HERE / "blk_fast.h"))
+    return ffi
+
+
 def rbd_builder() -> cffi.FFI:
-    ffi = cffi.FFI()
+    ffi = _builder("_rbd", "rbd_shim", libraries=("rbd", "rados"))
     # struct iovec comes from <sys/uio.h>; cffi checks the layout against it ("...").
     ffi.cdef("struct iovec { void *iov_base; size_t iov_len; ...; };")
     ffi.cdef(cdef_of(HERE / "rbd_shim.h"))
-    extra = shlex.split(os.environ.get("VHOST_USER_CFLAGS", ""))
-    ffi.set_source(
-        "blkdev.native._rbd",
-        '#include "rbd_shim.h"',
-        sources=[str(HERE / "rbd_shim.c")],
-        include_dirs=[str(HERE)],
-        libraries=["rbd", "rados"],
-        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", *extra],
-        extra_link_args=shlex.split(os.environ.get("VHOST_USER_LDFLAGS", "")),
-    )
     return ffi
 
 
