@@ -109,7 +109,7 @@ def tail(path: Path, lines: int = 40) -> str:
 def ours_command(
     *,
     socket: Path | None,
-    image: Path,
+    image: Path | str,
     fmt: str = "auto",
     read_only: bool = False,
     num_queues: int = 1,
@@ -148,7 +148,7 @@ def ours_command(
 def qsd_command(
     *,
     socket: Path,
-    image: Path,
+    image: Path | str,
     fmt: str = "raw",
     read_only: bool = False,
     num_queues: int = 1,
@@ -161,6 +161,8 @@ def qsd_command(
     (``serial``, ``log_*`` have no equivalent and are ignored.)"""
     del serial, log_level, log_format
     ro = "on" if read_only else "off"
+    if isinstance(image, str):
+        return _qsd_rbd_command(socket, image, read_only, num_queues)
     blockdev = [f"driver=file,node-name=file0,filename={image},read-only={ro},discard=unmap"]
     node = "file0"
     if fmt == "qcow2":
@@ -175,6 +177,34 @@ def qsd_command(
         f"writable={'off' if read_only else 'on'},num-queues={num_queues}",
     ]
     return argv
+
+
+def _qsd_rbd_command(socket: Path, spec: str, read_only: bool, num_queues: int) -> list[str]:
+    """qemu-storage-daemon's rbd driver (qemu-block-extra) on the image an ``rbd:`` spec names:
+    pool, image, snapshot, conf and user carry over; other librados options do not (the rbd
+    driver takes them only from the conf file)."""
+    from blkdev.disks.rbd import parse_spec  # deploy's only use of the package: one parser
+
+    rbd = parse_spec(spec.removeprefix("rbd:"))
+    parts = [
+        "driver=rbd,node-name=rbd0",
+        f"pool={rbd.pool}",
+        f"image={rbd.image}",
+        *([f"snapshot={rbd.snap}"] if rbd.snap else []),
+        *([f"conf={rbd.conf}"] if rbd.conf else []),
+        *([f"user={rbd.user}"] if rbd.user else []),
+        f"read-only={'on' if read_only or rbd.snap else 'off'}",
+        "discard=unmap",
+        "cache.direct=on",
+    ]
+    return [
+        "qemu-storage-daemon",
+        "--blockdev",
+        ",".join(parts),
+        "--export",
+        f"type=vhost-user-blk,id=exp0,node-name=rbd0,addr.type=unix,addr.path={socket},"
+        f"writable={'off' if read_only or rbd.snap else 'on'},num-queues={num_queues}",
+    ]
 
 
 @dataclasses.dataclass
@@ -229,7 +259,7 @@ def start_backend(
     kind: BackendKind,
     *,
     socket: Path,
-    image: Path,
+    image: Path | str,
     log_path: Path,
     fmt: str = "auto",
     read_only: bool = False,
@@ -259,7 +289,7 @@ def start_backend(
         argv = [*launcher, *argv]
     else:
         qfmt = fmt
-        if fmt == "auto":
+        if fmt == "auto" and isinstance(image, Path):
             qfmt = "qcow2" if image.read_bytes()[:4] == b"QFI\xfb" else "raw"
         argv = qsd_command(
             socket=socket, image=image, fmt=qfmt, read_only=read_only, num_queues=num_queues

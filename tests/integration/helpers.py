@@ -43,7 +43,7 @@ class Harness:
 
     def serve(
         self,
-        image: Path,
+        image: Path | str,
         kind: BackendKind | None = None,
         *,
         fmt: str = "auto",
@@ -54,8 +54,9 @@ class Harness:
         launcher: Callable[[Path], Sequence[str]] | None = None,
         socket_option: bool = True,
     ) -> Backend:
-        """Start a backend on a fresh socket; it is stopped at the end of the test. A
-        ``launcher(socket)`` is the command line that runs ours (see ``start_backend``)."""
+        """Start a backend on a fresh socket; it is stopped at the end of the test. ``image``
+        is a file or an ``rbd:`` spec (str). A ``launcher(socket)`` is the command line that
+        runs ours (see ``start_backend``)."""
         self._n += 1
         kind = kind or DEFAULT_BACKEND
         sock = self.sockdir / f"b{self._n}.sock"
