@@ -15,9 +15,8 @@ from typing import Final
 
 import pytest
 
-from deploy.guest import Guest, ensure_built
-from deploy.vm import short_tmpdir
-from tests.integration.helpers import Harness
+# The real-guest fixtures (``harness.serve(cluster.spec(name))`` serves an RBD image).
+from tests.integration.conftest import guest, harness  # noqa: F401
 
 REPO: Final = Path(__file__).resolve().parents[2]
 CEPH_SH: Final = REPO / "deploy" / "ceph.sh"
@@ -88,21 +87,3 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
     finally:
         stop_cluster(directory)
-
-
-@pytest.fixture(scope="session")
-def guest() -> Guest:
-    """The test guest (kernel + initramfs), as for tests/integration."""
-    return ensure_built()
-
-
-@pytest.fixture
-def harness(guest: Guest, tmp_path: Path) -> Iterator[Harness]:
-    """Backends and VMs for one test, stopped at its end (tests/integration's harness;
-    ``harness.serve(cluster.spec(name))`` serves an RBD image)."""
-    with short_tmpdir() as sockdir:
-        h = Harness(guest, tmp_path, sockdir)
-        try:
-            yield h
-        finally:
-            h.close()
