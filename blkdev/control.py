@@ -10,10 +10,12 @@ Protocol (one request per line, one reply line per request, in order)::
     <- {"error": {"class": "CommandNotFound", "desc": "the command no-such-thing ..."}}
 
 Commands: ``query-status`` (image, format, size, read-only, queues, whether a front-end is
-connected, uptime), ``query-stats`` (:mod:`blkdev.stats`: per queue and the disk's total),
-``resize`` (``size`` in bytes, ``force`` to allow a shrink), ``set-log-level`` (``level``:
-debug, info, warning, error) and ``quit`` (stop the server the way SIGTERM does; the reply is
-sent first). As in QMP, an ``id`` member is echoed in the reply, and there is no greeting.
+connected, uptime), ``query-stats`` (:mod:`blkdev.stats`: per queue and the disk's total; for
+a disk reached over the network, an RBD image, also ``connections``: the TCP statistics of this
+process's connections to its storage, :mod:`blkdev.netstats`, or null when the kernel could not
+be asked), ``resize`` (``size`` in bytes, ``force`` to allow a shrink), ``set-log-level``
+(``level``: debug, info, warning, error) and ``quit`` (stop the server the way SIGTERM does; the
+reply is sent first). As in QMP, an ``id`` member is echoed in the reply, and there is no greeting.
 Error classes: ``GenericError`` (malformed request, bad arguments, a refused resize),
 ``CommandNotFound``, ``Unsupported`` (resize where nothing can resize) and ``InternalError``
 (a bug of ours, logged with its traceback).
@@ -56,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
+from blkdev import netstats
 from blkdev.errors import BlkdevError
 from vhost_user.server import claim_socket_path
 
@@ -321,6 +324,18 @@ class Backend:
             "uptime": round(time.monotonic() - self.started, 3),
         }
 
+    def connections(self) -> list[netstats.Connection] | None:
+        """The TCP connections of the disk's storage (:func:`blkdev.netstats.own_connections`;
+        asked for each time, some milliseconds): [] for a disk that has none
+        (``disk.network`` False), None when the kernel cannot be asked (logged)."""
+        if not self.disk.network:
+            return []
+        try:
+            return netstats.own_connections()
+        except OSError as exc:
+            log.warning("cannot read the TCP statistics of the disk's connections", error=str(exc))
+            return None
+
 
 @dataclass(frozen=True, slots=True)
 class Response:
@@ -354,7 +369,13 @@ class Controller:
         if isinstance(command, QueryStatus):
             return Response(encode_return(backend.status(), request_id))
         if isinstance(command, QueryStats):
-            return Response(encode_return(backend.device.stats.snapshot().to_json(), request_id))
+            stats = backend.device.stats.snapshot().to_json()
+            if backend.disk.network:
+                connections = backend.connections()
+                stats["connections"] = (
+                    None if connections is None else [c.to_json() for c in connections]
+                )
+            return Response(encode_return(stats, request_id))
         if isinstance(command, Resize):
             if backend.resize is None:
                 desc = "this backend cannot resize its image"

@@ -19,6 +19,17 @@ Per disk besides: ``vhost_user_blk_disk_size_bytes``, ``vhost_user_blk_disk_read
 ``vhost_user_blk_uptime_seconds``, and ``vhost_user_blk_info{image,format}`` (always 1), the
 one family naming the image: one backend serves one disk.
 
+For a disk reached over the network (an RBD image: librados's connections to the monitors and
+OSDs, :mod:`blkdev.netstats`), per remote ``IP:PORT`` (label ``remote``):
+``vhost_user_blk_connections`` (established connections to it), ``..._connection_rtt_seconds``
+and ``..._connection_rttvar_seconds`` (smoothed round-trip time and its mean deviation),
+``..._connection_retransmits_total`` (segments retransmitted), ``..._connection_lost_segments``
+and ``..._connection_unacked_segments`` (now), ``..._connection_acked_bytes_total`` and
+``..._connection_received_bytes_total``. One sample per remote keeps the series stable: when
+there are two connections to one remote (librados reconnecting), the counters and segment
+counts are their sums and the round-trip times the slower one's. A counter restarts from 0 when
+librados reconnects, which Prometheus's ``rate`` takes as a counter reset.
+
 Entry point for ``serve`` (``--metrics HOST:PORT``; a bare ``PORT`` or ``:PORT`` listens on
 loopback)::
 
@@ -46,6 +57,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from blkdev.control import Backend
+from blkdev.netstats import Connection
 from blkdev.stats import LATENCY_BOUNDS_NS, REQUEST_TYPE_NAMES, QueueSnapshot
 
 PREFIX: Final = "vhost_user_blk"
@@ -99,6 +111,10 @@ class BackendCollector(Collector):
         ):
             assert isinstance(value, int | float)
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
+        if self.backend.disk.network:
+            connections = self.backend.connections()
+            if connections is not None:  # None: the kernel could not be asked (logged)
+                yield from _connection_families(connections)
 
 
 def _request_families(
@@ -142,6 +158,64 @@ def _request_families(
             buckets.append((le, float(cumulative)))
         duration.add_metric(values, buckets, sum_value=q.latency_sum_ns / 1e9)
     yield from (requests, read, written, errors, in_flight, duration)
+
+
+def _connection_families(connections: list[Connection]) -> Iterator[Metric]:
+    """The TCP families of a network disk, one sample per remote (see the module docstring)."""
+    by_remote: dict[str, list[Connection]] = {}
+    for connection in connections:
+        by_remote.setdefault(connection.remote, []).append(connection)
+    label = ["remote"]
+    count = GaugeMetricFamily(
+        f"{PREFIX}_connections", "Established TCP connections to the disk's storage", labels=label
+    )
+    rtt = GaugeMetricFamily(
+        f"{PREFIX}_connection_rtt_seconds", "Smoothed TCP round-trip time", labels=label
+    )
+    rttvar = GaugeMetricFamily(
+        f"{PREFIX}_connection_rttvar_seconds",
+        "Mean deviation of the TCP round-trip time",
+        labels=label,
+    )
+    retransmits = CounterMetricFamily(
+        f"{PREFIX}_connection_retransmits", "TCP segments retransmitted", labels=label
+    )
+    lost = GaugeMetricFamily(
+        f"{PREFIX}_connection_lost_segments", "TCP segments now thought lost", labels=label
+    )
+    unacked = GaugeMetricFamily(
+        f"{PREFIX}_connection_unacked_segments",
+        "TCP segments sent and not acknowledged yet",
+        labels=label,
+    )
+    acked = CounterMetricFamily(
+        f"{PREFIX}_connection_acked_bytes", "Bytes sent and acknowledged by the peer", labels=label
+    )
+    received = CounterMetricFamily(
+        f"{PREFIX}_connection_received_bytes", "Bytes received from the peer", labels=label
+    )
+    for remote, group in sorted(by_remote.items()):
+        values = [remote]
+        count.add_metric(values, len(group))
+        # The slower connection's round trip (a missing one, from an old kernel, counts as
+        # none): the one a request waits on when it is unlucky.
+        slowest = max(group, key=lambda c: c.rtt_us if c.rtt_us is not None else -1)
+        if slowest.rtt_us is not None:
+            rtt.add_metric(values, slowest.rtt_us / 1e6)
+        if slowest.rttvar_us is not None:
+            rttvar.add_metric(values, slowest.rttvar_us / 1e6)
+        for family, numbers in (
+            (retransmits, [c.retransmits for c in group]),
+            (lost, [c.lost for c in group]),
+            (unacked, [c.unacked for c in group]),
+            (acked, [c.bytes_acked for c in group]),
+            (received, [c.bytes_received for c in group]),
+        ):
+            # A field the kernel's tcp_info lacks is left out, never reported as 0.
+            known = [n for n in numbers if n is not None]
+            if known:
+                family.add_metric(values, sum(known))
+    yield from (count, rtt, rttvar, retransmits, lost, unacked, acked, received)
 
 
 class MetricsServer:

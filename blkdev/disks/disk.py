@@ -78,6 +78,13 @@ class Disk(Protocol):
     def read_only(self) -> bool: ...
 
     @property
+    def network(self) -> bool:
+        """Whether the disk reaches its storage over TCP connections of this process (RBD:
+        librados's, to the monitors and OSDs): ``query-stats`` and the metrics then show
+        their TCP statistics (``blkdev.netstats``)."""
+        ...
+
+    @property
     def supports_discard(self) -> bool: ...
 
     @property

@@ -61,6 +61,7 @@ class DiskHandle:
         self._opener = opener
         self._lock = threading.Lock()
         self.format_name = disk.format_name
+        self.network = disk.network
         self.discard_granularity = disk.discard_granularity
         self._read_only = disk.read_only if read_only is None else read_only
         writable = not self._read_only

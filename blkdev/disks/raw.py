@@ -52,6 +52,7 @@ class RawDisk:
     """A raw image. Use :meth:`open`."""
 
     format_name: Final = "raw"
+    network: Final = False
     discard_granularity: Final = 4096
     """Hole punching frees whole file-system blocks (4 KiB on ext4 and xfs)."""
 

@@ -234,6 +234,8 @@ class RbdDisk:
     """A Disk, and an AsyncDisk, over one RBD image (see the module docstring)."""
 
     format_name: Final = "rbd"
+    network: Final = True
+    """librados's connections to the monitors and OSDs (``blkdev.netstats``)."""
 
     def __init__(self, spec: RbdSpec, *, read_only: bool = False) -> None:
         ffi, lib = _lib()
@@ -569,7 +571,15 @@ class RbdDisk:
         thread.start()
         watch_handle = int(handle[0])
 
+        stopped = False
+
         def unwatch() -> None:
+            # Called twice in a normal exit (the caller's stop, then close()): a second
+            # eventfd_write/close would hit fds closed already, or reused by then.
+            nonlocal stopped
+            if stopped:
+                return
+            stopped = True
             os.eventfd_write(stop, 1)
             thread.join(5)
             if not self._closed:

@@ -322,6 +322,7 @@ class _NoDisk:
     """Enough of a disk for query-status in the property test (no file per example)."""
 
     format_name = "raw"
+    network = False
     size = 512
     read_only = True
     supports_discard = False

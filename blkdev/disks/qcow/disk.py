@@ -80,6 +80,7 @@ class QcowDisk:
     """A qcow2 image. Use :meth:`open`."""
 
     format_name: Final = "qcow2"
+    network: Final = False
     discard_granularity: Final = 4096
     """What the guest is told (as QEMU tells it for qcow2). A discard frees only the clusters it
     covers whole and ignores the rest, which discard's advisory meaning allows."""
